@@ -1,0 +1,57 @@
+"""LightningDataModule that streams fixed token windows from prepared litdata shards.
+
+Each item is a window of `seq_len + 1` tokens: inputs are window[:-1], targets window[1:].
+The train loader is a `StreamingDataLoader`; Lightning stores its state in the checkpoint's
+fit loop, so a resumed run continues at the next unseen window (none repeated, none skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        shard_root: str,
+        seq_len: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shard_root = Path(shard_root)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        return StreamingDataset(
+            str(self.shard_root / split),
+            item_loader=TokensLoader(block_size=self.seq_len + 1),
+            shuffle=shuffle,
+            drop_last=True,
+            seed=self.seed,
+        )
+
+    def num_windows(self, split: str) -> int:
+        return len(self._dataset(split, shuffle=False))
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        return StreamingDataLoader(
+            self._dataset("train", shuffle=True),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return StreamingDataLoader(
+            self._dataset("validation", shuffle=False),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )

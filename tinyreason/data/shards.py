@@ -1,0 +1,129 @@
+"""Tokenize a corpus once into litdata token chunks, cached by (corpus, tokenizer) fingerprint.
+
+Layout:  <data_dir>/<corpus fingerprint>/<tokenizer fingerprint>/
+             manifest.json            token counts, dtype, vocab size, both fingerprints
+             train/  validation/      litdata `optimize()` output (index.json + chunk-*.bin)
+
+Documents are concatenated (each already starts with bos and ends with eos) into one token stream
+per split; `StreamingDataset(item_loader=TokensLoader(block_size))` then serves fixed windows.
+A file lock lets parallel sweep jobs share the work: the first writes, the others wait and reuse.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from litdata import TokensLoader, optimize
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_DOCS_PER_ITEM = 256  # documents tokenized per optimize() item
+_CHUNK_TOKENS = 1 << 18  # tokens per chunk file (0.5 MiB at uint16)
+
+
+def shard_dir(data_dir: str | os.PathLike, corpus_fp: str, tokenizer_fp: str) -> Path:
+    return Path(data_dir) / corpus_fp / tokenizer_fp
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(folder: str):
+    from tinyreason.tokenizers import load
+
+    return load(folder)
+
+
+def _encode(docs: Sequence[str], tokenizer_dir: str, dtype: torch.dtype):
+    # Runs in litdata worker processes; the tokenizer is loaded once per worker.
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    yield torch.tensor([t for doc in ids for t in doc], dtype=torch.int64).to(dtype)
+
+
+def prepare(
+    data_dir: str | os.PathLike,
+    corpus_fp: str,
+    tokenizer_fp: str,
+    tokenizer_dir: str | os.PathLike,
+    vocab_size: int,
+    documents: Callable[[str], list[str]],
+) -> dict:
+    """Write the shards if absent and return the manifest. `documents(split)` gives the texts."""
+    root = shard_dir(data_dir, corpus_fp, tokenizer_fp)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if (root / MANIFEST).is_file():
+            return read_manifest(root, corpus_fp, tokenizer_fp, vocab_size)
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dtype = token_dtype(vocab_size)
+        splits = {}
+        for split in SPLITS:
+            docs = documents(split)
+            if not docs:
+                raise ValueError(f"the corpus has no documents in split {split!r}")
+            batches = [docs[i : i + _DOCS_PER_ITEM] for i in range(0, len(docs), _DOCS_PER_ITEM)]
+            out = tmp / split
+            log.info("tokenizing %d %s documents -> %s", len(docs), split, out)
+            optimize(
+                fn=functools.partial(_encode, tokenizer_dir=str(tokenizer_dir), dtype=dtype),
+                inputs=batches,
+                output_dir=str(out),
+                chunk_size=_CHUNK_TOKENS,
+                item_loader=TokensLoader(),
+                num_workers=1,
+                reorder_files=False,
+                verbose=False,
+            )
+            index = json.loads((out / "index.json").read_text())
+            splits[split] = {
+                "documents": len(docs),
+                "tokens": sum(c["dim"] for c in index["chunks"]),
+            }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "corpus_fingerprint": corpus_fp,
+            "tokenizer_fingerprint": tokenizer_fp,
+            "vocab_size": vocab_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "splits": splits,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        tmp.rename(root)
+        return manifest
+
+
+def read_manifest(root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int) -> dict:
+    """Load a shard manifest and refuse shards made from another corpus or tokenizer."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"shard manifest {root / MANIFEST} is unreadable ({e}); delete {root}") from e
+    expected = {
+        "format_version": FORMAT_VERSION,
+        "corpus_fingerprint": corpus_fp,
+        "tokenizer_fingerprint": tokenizer_fp,
+        "vocab_size": vocab_size,
+    }
+    wrong = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: shards have {a!r}, run needs {b!r}" for k, (a, b) in wrong.items())
+        raise ValueError(f"shards at {root} do not match this run ({detail}); delete {root}")
+    for split in SPLITS:
+        if not (root / split / "index.json").is_file():
+            raise ValueError(f"shards at {root} lack the {split!r} split; delete {root}")
+    return manifest

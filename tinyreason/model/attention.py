@@ -1,0 +1,150 @@
+"""Rotary embeddings and the two attention slots: MLA (DeepSeek-V3) and GQA (Llama / Qwen3).
+
+Shape legend: B batch, S sequence, D hidden size, H query heads, G key/value heads,
+Q q/k head dim, P no-RoPE part of a MLA q/k head, R RoPE dims, U value head dim,
+C kv latent rank (kv_lora_rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GQAConfig, MLAConfig, ModelConfig
+from .layers import RMSNorm
+
+# HF DeepseekV3 builds q_a_layernorm / kv_a_layernorm without config.rms_norm_eps, i.e. eps=1e-6.
+LATENT_NORM_EPS = 1e-6
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos_SR, sin_SR), fp32
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device | None = None) -> Rope:
+    """cos/sin tables [S, R] in fp32 for positions 0..S-1; inv_freq_i = theta^(-2i/R) (RoFormer, arXiv 2104.09864).
+
+    Each frequency appears twice, [f_0..f_{R/2-1}, f_0..f_{R/2-1}], matching the half-split pairing
+    used by `apply_rope`. Computed per forward (cheap) so that `model.to(bf16)` cannot round it.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    freqs_SF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    emb_SR = torch.cat([freqs_SF, freqs_SF], dim=-1)
+    return emb_SR.cos(), emb_SR.sin()
+
+
+def apply_rope(x_BSHR: torch.Tensor, rope: Rope, *, interleaved: bool) -> torch.Tensor:
+    """Rotate pairs of dims by position-dependent angles.
+
+    Half-split (Llama, Qwen3): pairs (x_i, x_{i+R/2}). Interleaved (DeepSeek): pairs (x_{2i}, x_{2i+1}),
+    i.e. the official complex product view_as_complex(x.view(..., R/2, 2)) * e^{i pos f}. We
+    de-interleave first, so the output is that rotation with its dims permuted to [evens, odds]
+    (as HF rope_interleave=True does); q and k get the same permutation, so q.k is unchanged.
+    """
+    if interleaved:
+        x_BSHR = x_BSHR.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+    cos_S1R, sin_S1R = (t[:, None, :].to(x_BSHR.dtype) for t in rope)
+    x1, x2 = x_BSHR.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BSHR * cos_S1R + rotated * sin_S1R
+
+
+def causal_attention(
+    q_BHSQ: torch.Tensor, k_BGSQ: torch.Tensor, v_BGSU: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v -> [B, H, S, U]; head h reads kv head h // (H/G).
+
+    SDPA accepts U != Q and G < H (enable_gqa) on CPU and GPU; its kernels accumulate the softmax
+    in fp32, and tests check it against an explicit fp32 softmax reference.
+    """
+    gqa = q_BHSQ.shape[1] != k_BGSQ.shape[1]
+    return F.scaled_dot_product_attention(
+        q_BHSQ, k_BGSQ, v_BGSU, is_causal=True, scale=scale, enable_gqa=gqa
+    )
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention, DeepSeek-V3 eqs. 1-11 (arXiv 2412.19437), "naive" form:
+    K/V are expanded from the latent (as HF does), not absorbed into q / o_proj."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        a = config.attention
+        assert isinstance(a, MLAConfig)
+        self.num_heads, self.q_lora_rank, self.kv_lora_rank = a.num_heads, a.q_lora_rank, a.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        qk_dim = self.nope_dim + self.rope_dim
+        self.scale = qk_dim**-0.5
+        d = config.hidden_size
+        if self.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, self.num_heads * qk_dim, bias=False)
+        # Rows [latent c^KV | shared k^R], eqs. 1 and 3.
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        # Per head: [k^C (P rows) | v^C (U rows)], eqs. 2 and 5.
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, d, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, P, R, U = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        if self.q_lora_rank > 0:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))  # eqs. 6-7
+        else:
+            q = self.q_proj(x_BSD)
+        q_nope_BSHP, q_rope_BSHR = q.view(B, S, H, P + R).split([P, R], dim=-1)
+        c_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, R], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_BSC)).view(B, S, H, P + U)
+        k_nope_BSHP, v_BSHU = kv.split([P, U], dim=-1)
+
+        q_rope_BSHR = apply_rope(q_rope_BSHR, rope, interleaved=True)  # eq. 8
+        k_rope_BS1R = apply_rope(k_rope_BSR[:, :, None, :], rope, interleaved=True)  # eq. 3
+        q_BSHQ = torch.cat([q_nope_BSHP, q_rope_BSHR], dim=-1)  # eq. 9
+        k_BSHQ = torch.cat([k_nope_BSHP, k_rope_BS1R.expand(B, S, H, R)], dim=-1)  # eq. 4
+        o_BHSU = causal_attention(
+            q_BSHQ.transpose(1, 2), k_BSHQ.transpose(1, 2), v_BSHU.transpose(1, 2), self.scale
+        )  # eq. 10
+        return self.o_proj(o_BHSU.transpose(1, 2).reshape(B, S, H * U))  # eq. 11
+
+
+class GQA(nn.Module):
+    """Grouped-query attention (arXiv 2305.13245); with qk_norm it is Qwen3's attention."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        a = config.attention
+        assert isinstance(a, GQAConfig)
+        self.num_heads, self.num_kv_heads = a.num_heads, a.num_kv_heads
+        self.head_dim = a.resolved_head_dim(config.hidden_size)
+        self.scale = self.head_dim**-0.5
+        d, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.qk_norm = a.qk_norm
+        if a.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, G, Q = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BSHQ = self.q_proj(x_BSD).view(B, S, H, Q)
+        k_BSGQ = self.k_proj(x_BSD).view(B, S, G, Q)
+        v_BSGQ = self.v_proj(x_BSD).view(B, S, G, Q)
+        if self.qk_norm:  # Qwen3 normalises each head before RoPE
+            q_BSHQ, k_BSGQ = self.q_norm(q_BSHQ), self.k_norm(k_BSGQ)
+        q_BSHQ = apply_rope(q_BSHQ, rope, interleaved=False)
+        k_BSGQ = apply_rope(k_BSGQ, rope, interleaved=False)
+        o_BHSQ = causal_attention(
+            q_BSHQ.transpose(1, 2), k_BSGQ.transpose(1, 2), v_BSGQ.transpose(1, 2), self.scale
+        )
+        return self.o_proj(o_BHSQ.transpose(1, 2).reshape(B, S, H * Q))
+
+
+def build_attention(config: ModelConfig) -> MLA | GQA:
+    return MLA(config) if isinstance(config.attention, MLAConfig) else GQA(config)

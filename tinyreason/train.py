@@ -1,0 +1,202 @@
+"""`python -m tinyreason.train [group=option ...] [key=value ...]` — one run, or a sweep with -m.
+
+`train(cfg)` is the importable function (tests call it); `main` is the Hydra wrapper. The order
+is: validate every config section (before any work), build or reuse the tokenizer and the token
+shards, build the LightningModule from plain dicts, validate once at step 0, fit, report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tinyreason.data.datamodule import PretrainDataModule
+from tinyreason.data.sources import build_corpus
+from tinyreason.model import ModelConfig
+from tinyreason.prepare import prepare_data, tokenizer_config
+from tinyreason.tokenizers import model_vocab_size, token_byte_lengths
+from tinyreason.training.callbacks import MoEBiasUpdate, Throughput
+from tinyreason.training.module import LitCausalLM
+from tinyreason.training.optim import OptimConfig
+from tinyreason.training.precision import PrecisionConfig
+
+log = logging.getLogger(__name__)
+
+LOGGERS = ("wandb", "csv", "none")
+
+
+def model_dict(cfg: DictConfig, vocab_size: int) -> dict:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("name", None)
+    if "vocab_size" in model:
+        raise ValueError("model.vocab_size is derived from the tokenizer; do not set it")
+    return {**model, "vocab_size": vocab_size, "max_seq_len": cfg.data.seq_len}
+
+
+def optim_dict(cfg: DictConfig) -> dict:
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim["betas"] = tuple(optim["betas"])
+    return {**optim, "total_steps": cfg.trainer.max_steps}
+
+
+def precision_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.precision, resolve=True)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Build every typed config once so bad values fail before data is read or a step runs."""
+    build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus))
+    tokenizer_config(cfg)
+    ModelConfig.from_dict(model_dict(cfg, vocab_size=1024))
+    OptimConfig(**optim_dict(cfg))
+    PrecisionConfig(**precision_dict(cfg))
+    if cfg.logger.name not in LOGGERS:
+        raise ValueError(f"logger.name={cfg.logger.name!r} is not one of {list(LOGGERS)}")
+    t = cfg.trainer
+    batches = t.max_steps * t.accumulate_grad_batches
+    if batches % t.val_check_interval:
+        raise ValueError(
+            f"trainer.max_steps x accumulate_grad_batches ({batches}) must be a multiple of "
+            f"trainer.val_check_interval ({t.val_check_interval}), so the last step is validated "
+            "and checkpointed"
+        )
+    for key in ("seq_len", "batch_size"):
+        if cfg.data[key] <= 0:
+            raise ValueError(f"data.{key} must be positive, got {cfg.data[key]}")
+    resolve_ckpt(cfg)
+
+
+def resolve_ckpt(cfg: DictConfig) -> Path | None:
+    """`ckpt_path`: null (fresh run), `last` (this run dir's last.ckpt), a run dir, or a file."""
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        hint = "; to resume a run, pass its folder: hydra.run.dir=<run dir> ckpt_path=last"
+    else:
+        path = Path(cfg.ckpt_path)
+        path = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+        hint = ""
+    if not path.is_file():
+        raise ValueError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}{hint}")
+    return path
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = [] if cfg.logger.name == "none" else [CSVLogger(run_dir, name="csv", version="")]
+    if cfg.logger.name == "wandb":
+        offline = cfg.logger.offline
+        if offline is None:  # offline unless the user has a key
+            offline = "WANDB_API_KEY" not in os.environ
+        id_file = run_dir / "wandb_id.txt"  # the same W&B run continues on resume
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        group, name = _sweep_names()
+        wandb = WandbLogger(
+            project=cfg.logger.project,
+            save_dir=str(run_dir),
+            offline=offline,
+            id=run_id,
+            resume="allow",
+            group=group,
+            name=name,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        id_file.write_text(wandb.experiment.id)
+        wandb.experiment.define_metric("*", step_metric="tokens")  # x-axis: tokens seen
+        loggers.append(wandb)
+    return loggers
+
+
+def _sweep_names() -> tuple[str | None, str | None]:
+    """In a multirun, W&B runs are grouped by sweep and named by their overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None, None
+    return Path(hc.sweep.dir).name, hc.job.override_dirname or str(hc.job.num)
+
+
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    validate_config(cfg)
+    ckpt = resolve_ckpt(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    data = prepare_data(cfg)
+    vocab = model_vocab_size(data.tokenizer)
+    module = LitCausalLM(model_dict(cfg, vocab), optim_dict(cfg), precision_dict(cfg))
+    module.token_bytes.copy_(token_byte_lengths(data.tokenizer, vocab))
+    datamodule = PretrainDataModule(
+        str(data.shard_root), cfg.data.seq_len, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
+    )
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-{step}",
+        monitor="val/bpb",
+        mode="min",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        precision=module.precision_config.lightning,
+        default_root_dir=run_dir,
+        logger=build_loggers(cfg, run_dir),
+        callbacks=[checkpoints, MoEBiasUpdate(), Throughput(), *callbacks],
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+    )
+    first = None
+    if ckpt is None:  # step-0 validation: the reference point of every curve
+        first = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/bpb"]
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["tokens"] = float(module.tokens_seen)
+    metrics["fit_seconds"] = seconds
+    if first is not None:
+        metrics["val/bpb_first"] = first
+    log.info(
+        "done: %d steps, %.0f tokens/s over fit, val/bpb %s -> %.4f; run dir %s",
+        trainer.global_step,
+        metrics["tokens"] / seconds,
+        f"{first:.4f}" if first is not None else "(resumed)",
+        metrics.get("val/bpb", float("nan")),
+        run_dir,
+    )
+    return metrics
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("val/bpb")  # the value a sweeper would minimise
+
+
+def main() -> None:
+    # `trainer` defaults to cpu in the YAML; pick gpu when CUDA is present and nobody chose.
+    if torch.cuda.is_available() and not any("trainer=" in a for a in sys.argv[1:]):
+        sys.argv.append("trainer=gpu")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

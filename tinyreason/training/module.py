@@ -1,0 +1,83 @@
+"""LitCausalLM: the LightningModule around `tinyreason.model.CausalLM`.
+
+It takes plain dicts (saved as hyper-parameters, so `load_from_checkpoint` rebuilds the model on
+its own), builds the model in `configure_model`, and logs losses, BPB, perplexity, lr, grad norm
+and tokens seen (the x-axis of every dashboard).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.training.metrics import BitsPerByte
+from tinyreason.training.optim import OptimConfig, build_optimizer
+from tinyreason.training.precision import PrecisionConfig, convert_fp8
+
+
+class LitCausalLM(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, precision: dict | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_dict(model)
+        self.optim_config = OptimConfig(**optim)
+        self.precision_config = PrecisionConfig(**(precision or {}))
+        self.model: CausalLM | None = None
+        # UTF-8 bytes of each token id, for BPB; saved with the checkpoint, filled by `train`.
+        self.register_buffer("token_bytes", torch.zeros(self.model_config.vocab_size, dtype=torch.int32))
+        self.val_bpb = BitsPerByte()
+        self.val_ppl = Perplexity(ignore_index=-100)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = CausalLM(self.model_config)
+        if self.precision_config.name == "fp8":
+            convert_fp8(self.model, self.precision_config)
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.global_step * self._tokens_per_step
+
+    @property
+    def _tokens_per_step(self) -> int:
+        trainer = self.trainer
+        batch = trainer.datamodule.batch_size * trainer.datamodule.seq_len
+        return batch * trainer.world_size * trainer.accumulate_grad_batches
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        batch = batch.long()
+        out = self.model(batch[:, :-1], batch[:, 1:])
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({"train/ce": out.ce, "train/mtp": out.mtp, "train/balance": out.balance})
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("tokens", float(self.tokens_seen + self._tokens_per_step))
+        return out.loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        batch = batch.long()
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        out = self.model(inputs, targets)
+        logits = out.logits.float()
+        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        self.val_bpb.update(nats, self.token_bytes[targets].flatten())
+        self.val_ppl.update(logits, targets)
+        self.log("val/loss", out.ce, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/bpb", self.val_bpb.compute(), prog_bar=True)
+        self.log("val/ppl", self.val_ppl.compute())
+        self.log("tokens", float(self.tokens_seen))
+        self.val_bpb.reset()
+        self.val_ppl.reset()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        self.log("grad_norm", torch.stack(norms).norm() if norms else torch.tensor(0.0))
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model, self.optim_config)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
