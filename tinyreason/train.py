@@ -162,6 +162,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
         callbacks=[checkpoints, MoEBiasUpdate(), Throughput(), *callbacks],
         num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
+        # no_grad, not inference_mode: metric states reset during the step-0 `validate` must
+        # stay usable when validation later runs inside `fit`
+        inference_mode=False,
     )
     first = None
     if ckpt is None:  # step-0 validation: the reference point of every curve

@@ -70,8 +70,16 @@ class MLA(nn.Module):
         super().__init__()
         a = config.attention
         assert isinstance(a, MLAConfig)
-        self.num_heads, self.q_lora_rank, self.kv_lora_rank = a.num_heads, a.q_lora_rank, a.kv_lora_rank
-        self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.num_heads, self.q_lora_rank, self.kv_lora_rank = (
+            a.num_heads,
+            a.q_lora_rank,
+            a.kv_lora_rank,
+        )
+        self.nope_dim, self.rope_dim, self.v_dim = (
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+        )
         qk_dim = self.nope_dim + self.rope_dim
         self.scale = qk_dim**-0.5
         d = config.hidden_size
@@ -85,7 +93,9 @@ class MLA(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         # Per head: [k^C (P rows) | v^C (U rows)], eqs. 2 and 5.
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, d, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:

@@ -51,11 +51,21 @@ class MLAConfig:
     def __post_init__(self) -> None:
         if self.kind != "mla":
             _fail(self, "kind", f"must be 'mla', got {self.kind!r}")
-        for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        for name in (
+            "num_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
             _check_int(self, name, 1)
         _check_int(self, "q_lora_rank", 0)
         if self.qk_rope_head_dim % 2:
-            _fail(self, "qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+            _fail(
+                self,
+                "qk_rope_head_dim",
+                f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +84,11 @@ class GQAConfig:
         _check_int(self, "num_heads", 1)
         _check_int(self, "num_kv_heads", 1)
         if self.num_heads % self.num_kv_heads:
-            _fail(self, "num_kv_heads", f"({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+            _fail(
+                self,
+                "num_kv_heads",
+                f"({self.num_kv_heads}) must divide num_heads ({self.num_heads})",
+            )
         if self.head_dim is not None:
             _check_int(self, "head_dim", 1)
             if self.head_dim % 2:
@@ -101,7 +115,13 @@ class MoEConfig:
     bias_update_speed: float = 1e-3  # gamma of the aux-loss-free bias update
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_groups", "topk_groups"):
+        for name in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "num_groups",
+            "topk_groups",
+        ):
             _check_int(self, name, 1)
         _check_int(self, "num_shared_experts", 0)
         _check_float(self, "routed_scaling_factor", positive=True)
@@ -160,7 +180,11 @@ class ModelConfig:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             _check_float(self, name, positive=True)
         if not isinstance(self.attention, MLAConfig | GQAConfig):
-            _fail(self, "attention", f"must be MLAConfig or GQAConfig, got {type(self.attention).__name__}")
+            _fail(
+                self,
+                "attention",
+                f"must be MLAConfig or GQAConfig, got {type(self.attention).__name__}",
+            )
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             _fail(self, "moe", f"must be MoEConfig or None, got {type(self.moe).__name__}")
         if not isinstance(self.mtp, MTPConfig):
@@ -168,13 +192,23 @@ class ModelConfig:
         if not isinstance(self.tie_word_embeddings, bool):
             _fail(self, "tie_word_embeddings", f"must be a bool, got {self.tie_word_embeddings!r}")
         if self.num_dense_layers > self.num_layers:
-            _fail(self, "num_dense_layers", f"({self.num_dense_layers}) must be <= num_layers ({self.num_layers})")
+            _fail(
+                self,
+                "num_dense_layers",
+                f"({self.num_dense_layers}) must be <= num_layers ({self.num_layers})",
+            )
         attn = self.attention
         if isinstance(attn, GQAConfig) and attn.head_dim is None:
             if self.hidden_size % attn.num_heads:
-                _fail(self, "hidden_size", f"({self.hidden_size}) must be divisible by attention.num_heads ({attn.num_heads}) when head_dim is None")
+                _fail(
+                    self,
+                    "hidden_size",
+                    f"({self.hidden_size}) must be divisible by attention.num_heads ({attn.num_heads}) when head_dim is None",
+                )
             if attn.resolved_head_dim(self.hidden_size) % 2:
-                _fail(self, "hidden_size", "/ attention.num_heads must be even (RoPE rotates pairs)")
+                _fail(
+                    self, "hidden_size", "/ attention.num_heads must be even (RoPE rotates pairs)"
+                )
 
     @property
     def rope_dim(self) -> int:
@@ -247,7 +281,12 @@ def debug_config(vocab_size: int = 512, kind: DebugKind = "moe") -> ModelConfig:
     dense: GQA with qk_norm (Qwen3-like); dense_mla: MLA with dense FFNs.
     """
     mla = MLAConfig(
-        num_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12
+        num_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
     )
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,

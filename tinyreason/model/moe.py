@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, ModelConfig
+from .config import ModelConfig, MoEConfig
 from .layers import MLP
 
 
@@ -25,11 +25,17 @@ class Router(nn.Module):
 
     def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
         super().__init__()
-        self.top_k, self.num_groups, self.topk_groups = moe.num_experts_per_tok, moe.num_groups, moe.topk_groups
+        self.top_k, self.num_groups, self.topk_groups = (
+            moe.num_experts_per_tok,
+            moe.num_groups,
+            moe.topk_groups,
+        )
         self.routed_scaling_factor = moe.routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))  # e_i of eq. 15
         # b_i of eq. 16: used only to pick experts; persistent so it is saved and exported.
-        self.register_buffer("e_score_correction_bias", torch.zeros(moe.num_experts, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(moe.num_experts, dtype=torch.float32)
+        )
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (expert ids [T, K], gate weights [T, K] fp32, unbiased scores [T, E] fp32)."""
@@ -80,17 +86,25 @@ class MoE(nn.Module):
         super().__init__()
         moe = config.moe
         assert moe is not None
-        self.num_experts, self.top_k, self.balance_alpha = moe.num_experts, moe.num_experts_per_tok, moe.balance_alpha
+        self.num_experts, self.top_k, self.balance_alpha = (
+            moe.num_experts,
+            moe.num_experts_per_tok,
+            moe.balance_alpha,
+        )
         d = config.hidden_size
         self.gate = Router(d, moe)
-        self.experts = nn.ModuleList(MLP(d, moe.moe_intermediate_size) for _ in range(moe.num_experts))
+        self.experts = nn.ModuleList(
+            MLP(d, moe.moe_intermediate_size) for _ in range(moe.num_experts)
+        )
         # All shared experts see every token, so they fuse into one MLP (HF layout).
         shared = moe.num_shared_experts * moe.moe_intermediate_size
         self.shared_experts = MLP(d, shared) if shared > 0 else None
         # Tokens routed to each expert since the last update_bias (training forwards only). Not saved:
         # it is per-step state; a distributed caller all-reduces it before update_bias.
         self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
-        self.register_buffer("last_load", torch.zeros(moe.num_experts), persistent=False)  # for logging
+        self.register_buffer(
+            "last_load", torch.zeros(moe.num_experts), persistent=False
+        )  # for logging
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (output [B, S, D], balance loss scalar, already multiplied by alpha)."""
@@ -103,7 +117,9 @@ class MoE(nn.Module):
         balance = sequence_balance_loss(scores_TE.view(B, S, -1), self.top_k, self.balance_alpha)
         return out_TD.view(B, S, D), balance
 
-    def _routed_experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    def _routed_experts(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
+    ) -> torch.Tensor:
         """Reference loop: each expert runs on exactly the tokens routed to it (no dropping)."""
         ids_flat = ids_TK.flatten()
         counts_E = torch.bincount(ids_flat, minlength=self.num_experts)

@@ -53,13 +53,18 @@ class ModelOutput:
     ce: torch.Tensor | None = None  # main next-token CE
     mtp: torch.Tensor | None = None  # mean over depths of each depth's CE (L_MTP / lambda)
     balance: torch.Tensor | None = None  # alpha-weighted balance loss, mean over MoE layers
-    mtp_logits: tuple[torch.Tensor, ...] = ()  # depth k: [B, S-k, V]; position i predicts targets[i+k]
+    mtp_logits: tuple[
+        torch.Tensor, ...
+    ] = ()  # depth k: [B, S-k, V]; position i predicts targets[i+k]
 
 
 def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Mean CE over positions whose target is not IGNORE_INDEX; 0 (not NaN) when there are none."""
     total = F.cross_entropy(
-        logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits_BSV.flatten(0, 1).float(),
+        targets_BS.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return total / (targets_BS != IGNORE_INDEX).sum().clamp(min=1)
 
@@ -71,7 +76,8 @@ class CausalLM(nn.Module):
         d, eps, has_moe = config.hidden_size, config.rms_norm_eps, config.moe is not None
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         self.layers = nn.ModuleList(
-            Block(config, use_moe=has_moe and i >= config.num_dense_layers) for i in range(config.num_layers)
+            Block(config, use_moe=has_moe and i >= config.num_dense_layers)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(d, eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -85,9 +91,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, S] -> logits; with targets [B, S] (targets[t] = token after input_ids[t],
-        IGNORE_INDEX to skip) also the losses and MTP logits."""
-        B, S = self._check_inputs(input_ids, targets)
-        rope = rope_cos_sin(S, self.config.rope_dim, self.config.rope_theta, input_ids.device)
+        IGNORE_INDEX to skip) also the losses and the MTP logits."""
+        _check_inputs(input_ids, targets, self.config.max_seq_len)
+        rope = rope_cos_sin(
+            input_ids.shape[1], self.config.rope_dim, self.config.rope_theta, input_ids.device
+        )
         x_BSD = self.embed_tokens(input_ids)
         balances: list[torch.Tensor] = []
         for layer in self.layers:
@@ -99,35 +107,35 @@ class CausalLM(nn.Module):
         zero = torch.zeros((), device=input_ids.device)
         if targets is not None:
             out.ce = cross_entropy(out.logits, targets)
-            mtp_ces: list[torch.Tensor] = []
-            for k, module in enumerate(self.mtp, start=1):
-                n = S - k  # depth k covers positions 0..S-k-1; nothing wraps around
-                if n <= 0:
-                    break
-                # Position i sees h^{k-1}_i and Emb(input_ids[i+k]) and predicts targets[i+k]
-                # (input token i+k+1), eqs. 21-24.
-                emb_BnD = self.embed_tokens(input_ids[:, k:])
-                h_BSD, balance = module(emb_BnD, h_BSD[:, :n], (rope[0][:n], rope[1][:n]))
-                if balance is not None:
-                    balances.append(balance)
-                out.mtp_logits += (self.lm_head(h_BSD),)
-                mtp_ces.append(cross_entropy(out.mtp_logits[-1], targets[:, k:]))
+            out.mtp_logits = self._mtp_logits(input_ids, h_BSD, rope, balances)
+            mtp_ces = [
+                cross_entropy(logits, targets[:, k:])
+                for k, logits in enumerate(out.mtp_logits, start=1)
+            ]
             out.mtp = torch.stack(mtp_ces).mean() if mtp_ces else zero
+        # Mean over every MoE layer that ran, MTP blocks included.
         out.balance = torch.stack(balances).mean() if balances else zero
         if out.ce is not None:
             out.loss = out.ce + self.config.mtp.loss_weight * out.mtp + out.balance
         return out
 
-    def _check_inputs(self, input_ids: torch.Tensor, targets: torch.Tensor | None) -> tuple[int, int]:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} positions > max_seq_len {self.config.max_seq_len}"
-            )
-        if targets is not None and targets.shape != input_ids.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        return input_ids.shape[0], input_ids.shape[1]
+    def _mtp_logits(
+        self, input_ids: torch.Tensor, h_BSD: torch.Tensor, rope: Rope, balances: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """Depth k covers positions i = 0..S-k-1 (nothing wraps around): position i sees h^{k-1}_i
+        and Emb(input_ids[i+k]) and predicts targets[i+k], i.e. input token i+k+1 (eqs. 21-24).
+        Appends each MTP block's balance loss to `balances`."""
+        logits: list[torch.Tensor] = []
+        for k, module in enumerate(self.mtp, start=1):
+            n = input_ids.shape[1] - k
+            if n <= 0:
+                break
+            emb_BnD = self.embed_tokens(input_ids[:, k:])
+            h_BSD, balance = module(emb_BnD, h_BSD[:, :n], (rope[0][:n], rope[1][:n]))
+            if balance is not None:
+                balances.append(balance)
+            logits.append(self.lm_head(h_BSD))
+        return tuple(logits)
 
     def moe_layers(self) -> list[MoE]:
         """Every MoE FFN, main layers first, then MTP blocks (for the per-step bias update)."""
@@ -141,6 +149,19 @@ class CausalLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), for MFU; see `flops.flops_per_token`."""
         return flops_per_token(self, seq_len)
+
+
+def _check_inputs(input_ids: torch.Tensor, targets: torch.Tensor | None, max_seq_len: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > max_seq_len:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} positions > max_seq_len {max_seq_len}"
+        )
+    if targets is not None and targets.shape != input_ids.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
 
 
 def init_weights(model: nn.Module, config: ModelConfig | None = None) -> None:

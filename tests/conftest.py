@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "precision", "tokenizer", "data", "trainer", "logger", "debug")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenizer/shard cache for the whole session: the sweep-sharing path, exercised."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["TINYREASON_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture
+def make_cfg(cache_dir, tmp_path):
+    def _make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir or tmp_path / "run")
+            cfg.cache_dir = str(cache_dir)
+        return cfg
+
+    return _make

@@ -1,0 +1,104 @@
+"""End-to-end runs of `tinyreason.train` on `debug=fast` (seconds each)."""
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tinyreason.train import train
+
+pytestmark = pytest.mark.slow
+
+
+class RecordWindows(L.Callback):
+    """Hashes of every training window, in the order the model saw them."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for row in batch:
+            self.seen.append(hashlib.sha1(row.numpy().tobytes()).hexdigest())
+
+
+def read_csv(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(
+    "model, precision", [("moe", "fp8"), ("dense", "bf16"), ("dense_mla", "fp32")]
+)
+def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path, model, precision):
+    cfg = make_cfg(f"model={model}", f"precision={precision}", "debug=fast", "logger=csv")
+    metrics = train(cfg)
+    run = Path(cfg.run_dir)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    rows = read_csv(run)
+    columns = set().union(*(r.keys() for r in rows))
+    for key in ["train/loss", "train/ce", "train/mtp", "train/balance", "val/loss", "val/bpb",
+                "val/ppl", "lr", "grad_norm", "perf/tokens_per_s", "tokens"]:
+        assert key in columns, key
+    bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
+    assert len(bpb) == 3  # step 0, 5, 10
+    assert bpb[-1] < bpb[0], "ten steps on a tiny corpus must lower val/bpb"
+    assert metrics["tokens"] == 10 * 4 * 64
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 10
+    assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values()), "plain tensors only"
+    if precision == "fp8":
+        from torchao.float8 import Float8Linear
+        from tinyreason.training.module import LitCausalLM
+
+        lit = LitCausalLM(**ckpt["hyper_parameters"])
+        lit.configure_model()
+        assert any(isinstance(m, Float8Linear) for m in lit.model.modules())
+        assert not isinstance(lit.model.lm_head, Float8Linear)
+
+
+def test_resume_continues_steps_and_data_position(make_cfg, tmp_path):
+    base = ("model=moe", "precision=fp32", "debug=fast", "logger=csv")
+    full = RecordWindows()
+    train(make_cfg(*base, run_dir=tmp_path / "full"), callbacks=[full])
+
+    first, second = RecordWindows(), RecordWindows()
+    run = tmp_path / "split"
+    train(make_cfg(*base, "trainer.max_steps=5", run_dir=run), callbacks=[first])
+    metrics = train(make_cfg(*base, "ckpt_path=last", run_dir=run), callbacks=[second])
+
+    assert len(first.seen) == len(second.seen) == 5 * 4
+    assert first.seen + second.seen == full.seen, "resume must neither repeat nor skip a window"
+    assert metrics["tokens"] == 10 * 4 * 64
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 10
+
+
+def test_shards_are_reused_and_described_by_a_manifest(make_cfg, cache_dir):
+    from tinyreason.prepare import prepare_data
+
+    cfg = make_cfg("debug=fast")
+    a = prepare_data(cfg)
+    stamp = (a.shard_root / "manifest.json").stat().st_mtime_ns
+    b = prepare_data(cfg)
+    assert b.shard_root == a.shard_root
+    assert (b.shard_root / "manifest.json").stat().st_mtime_ns == stamp, "must not rewrite"
+    manifest = json.loads((a.shard_root / "manifest.json").read_text())
+    assert manifest["vocab_size"] == len(a.tokenizer)
+    assert manifest["dtype"] == "uint16"
+    assert manifest["splits"]["train"]["tokens"] > manifest["splits"]["validation"]["tokens"] > 0
+    assert a.shard_root.parent.parent.name == "shards"
+
+
+def test_shards_of_another_tokenizer_are_refused(make_cfg):
+    from tinyreason.data.shards import read_manifest
+    from tinyreason.prepare import prepare_data
+
+    data = prepare_data(make_cfg("debug=fast"))
+    m = data.manifest
+    with pytest.raises(ValueError, match="tokenizer_fingerprint"):
+        read_manifest(data.shard_root, m["corpus_fingerprint"], "bpe-999-other", m["vocab_size"])

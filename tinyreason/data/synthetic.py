@@ -1,0 +1,752 @@
+"""Deterministic bilingual (en/zh) reasoning problems with worked, step-by-step solutions.
+
+The default pre-training corpus, SFT set and reasoning eval, so nothing is downloaded at run time.
+Every problem has a language-independent ``key`` (kind, variant, operands); a hash of the key alone
+picks its split, so train / validation / test never share a problem, whatever the seed.
+
+    add / sub      column arithmetic with carries / borrows (negative differences too)
+    mul            partial products by place value
+    compare        number of digits first, then digit by digit from the highest place
+    gcd            Euclidean algorithm
+    price          total cost, change from a payment, unit price
+    rate           distance = speed x time, time = distance / speed, two workers together
+    unit           km/m, kg/g, h/min, both directions
+    linear         a*x + b = c with an integer solution, plus a check
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+KINDS = ("add", "sub", "mul", "compare", "gcd", "price", "rate", "unit", "linear")
+LANGS = ("en", "zh")
+SPLITS = ("train", "validation", "test")
+# Bump whenever a sampler or template changes: cached corpora are keyed by fingerprint().
+GENERATOR_VERSION = 1
+# Candidates drawn for one slot before giving up; a split keeps ~5-90% of keys, so this only
+# trips when the problem space is exhausted (tiny difficulty knobs, huge split sizes).
+_MAX_TRIES = 2000
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    lang: str
+    question: str
+    steps: list[str]  # reasoning lines, the body of <think>...</think>
+    answer: str  # canonical final answer: "543", "-17", "x = 5", "4521 > 987"
+    key: str  # "add:65:478", "price:change:12:4:100": language-independent, decides the split
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    seed: int = 0
+    num_train: int = 20000
+    num_val: int = 500
+    num_test: int = 500
+    kinds: tuple[str, ...] = KINDS
+    langs: tuple[str, ...] = LANGS
+    # operands of add/sub/compare/gcd and mul's first factor; unit amounts get one digit less
+    max_digits: int = 4
+    max_multiplier_digits: int = 2  # mul's second factor = number of partial products
+    max_quantity: int = 20  # word problems: item counts and hours
+    max_rate: int = 100  # word problems: unit prices, speeds, work rates
+    max_coef: int = 12  # a*x + b = c: 2 <= |a| <= max_coef, |x| <= max_coef, |b| <= 10*max_coef
+
+    def __post_init__(self) -> None:
+        # YAML/Hydra hand over lists; tuples keep the config hashable and the fingerprint stable
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "langs", tuple(self.langs))
+        for name, allowed in (("kinds", KINDS), ("langs", LANGS)):
+            values = getattr(self, name)
+            bad = [v for v in values if v not in allowed]
+            if not values or bad or len(set(values)) != len(values):
+                raise ValueError(
+                    f"{name}={list(values)} must be a non-empty list of distinct values from {list(allowed)}"
+                )
+        for name in ("num_train", "num_val", "num_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        # 9 digits keep every column (sums have one more) inside the named places below
+        for name, lo, hi in (("max_digits", 1, 9), ("max_multiplier_digits", 1, 9)):
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [{lo}, {hi}]")
+        for name in ("max_quantity", "max_rate", "max_coef"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
+
+    def fingerprint(self) -> str:
+        fields = {**dataclasses.asdict(self), "version": GENERATOR_VERSION}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def split_size(self, split: str) -> int:
+        _check_split(split)
+        return {"train": self.num_train, "validation": self.num_val, "test": self.num_test}[split]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+
+
+def _hash_int(text: str) -> int:
+    # hashlib, not hash(): str hashes are salted per process
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def split_of(key: str) -> str:
+    """The split a problem belongs to: sha256(key) mod 100, <90 train, 90-94 validation, else test."""
+    bucket = _hash_int(key) % 100
+    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+
+
+# ---------------------------------------------------------------------------------------------
+# Text, English and Chinese side by side. The Chinese follows primary-school textbook phrasing
+# (进位, 不够减, 辗转相除法, 总价 = 单价 × 数量) rather than translating the English line by line.
+# Templates take keyword fields; str.format ignores the fields a language does not use.
+
+_EN_PLACES = "units tens hundreds thousands ten-thousands hundred-thousands millions ten-millions hundred-millions billions"
+_PLACES = {
+    "en": tuple(_EN_PLACES.split()),
+    "zh": tuple("个位 十位 百位 千位 万位 十万位 百万位 千万位 亿位 十亿位".split()),
+}
+
+_TEXT = {
+    "en": {
+        "so": "So {fact}.",
+        "only": "{place}: only {d}, write {d}",
+        "add.q": "What is {a} + {b}?",
+        "add.q2": "Compute {a} + {b}.",
+        "add.intro": "Line up the digits by place value and add column by column, starting from the units.",
+        "add.col": "{place}: {expr} = {total}, write {digit}",
+        "add.carried": " + 1 (carried)",
+        "add.carry": " carry 1",
+        "add.last": "{place}: carried 1, write 1",
+        "sub.q": "What is {a} - {b}?",
+        "sub.q2": "Compute {a} - {b}.",
+        "sub.neg": "{a} is less than {b}, so the result is negative: {a} - {b} = -({b} - {a}).",
+        "sub.intro": "Line up the digits and subtract column by column from the units, borrowing when a digit is too small.",
+        "sub.lent": "{d} - 1 (borrowed) = {low}",
+        "sub.borrow": "{low} < {sub}, borrow 1 from the {next}: {high} - {sub} = {diff}",
+        "sub.col": "{place}: {body}, write {digit}",
+        "sub.sep": "; ",
+        "sub.negso": "{fact}, so {a} - {b} = {diff}.",
+        "mul.q": "What is {a} × {b}?",
+        "mul.q2": "Compute {a} × {b}.",
+        "mul.split": "Split {n} by place value: {n} = {parts}.",
+        "mul.shift": "{fact}, so {left} = {product}",
+        "mul.add": "Add the partial products: {fact}",
+        "cmp.q": "Compare {a} and {b}. Answer with >, < or =.",
+        "cmp.digits": "{n} digits",
+        "cmp.digit": "1 digit",
+        "cmp.len": "{a} has {la} and {b} has {lb}.",
+        "cmp.more": "The number with more digits is larger, so {answer}.",
+        "cmp.same": "Both numbers have {la}, so compare digit by digit from the highest place.",
+        "cmp.eq": "{place}: {x} = {y}, the same",
+        "cmp.diff": "{place}: {x} {r} {y}, so {answer}.",
+        "cmp.all": "Every digit is the same, so {answer}.",
+        "gcd.q": "What is the greatest common divisor of {a} and {b}?",
+        "gcd.intro": "Use the Euclidean algorithm: divide, then divide the divisor by the remainder, until the remainder is 0.",
+        "gcd.step": "{x} = {q} × {y} + {r}",
+        "gcd.done": "The remainder is 0, so the greatest common divisor is {g}.",
+        "lin.q": "Solve for x: {lhs} = {c}.",
+        "lin.sub": "Subtract {b} from both sides: {fact}",
+        "lin.add": "Add {b} to both sides: {fact}",
+        "lin.div": "Divide both sides by {a}: {fact}",
+        "lin.check": "Check: {fact}. Correct.",
+    },
+    "zh": {
+        "so": "所以 {fact}。",
+        "only": "{place}：只有 {d}，直接写 {d}",
+        "add.q": "计算：{a} + {b}。",
+        "add.q2": "{a} 加 {b} 等于多少？",
+        "add.intro": "把两个数按数位对齐，从个位开始逐位相加。",
+        "add.col": "{place}：{expr} = {total}，写 {digit}",
+        "add.carried": " + 1（进位）",
+        "add.carry": " 进 1",
+        "add.last": "{place}：进位 1，写 1",
+        "sub.q": "计算：{a} - {b}。",
+        "sub.q2": "{a} 减 {b} 等于多少？",
+        "sub.neg": "{a} 比 {b} 小，差是负数：{a} - {b} = -({b} - {a})。",
+        "sub.intro": "把两个数按数位对齐，从个位开始逐位相减，不够减时向前一位借 1。",
+        "sub.lent": "{d} 被借走 1 后是 {low}",
+        "sub.borrow": "{low} 不够减 {sub}，从{next}借 1：{high} - {sub} = {diff}",
+        "sub.col": "{place}：{body}，写 {digit}",
+        "sub.sep": "，",
+        "sub.negso": "{fact}，所以 {a} - {b} = {diff}。",
+        "mul.q": "计算：{a} × {b}。",
+        "mul.q2": "{a} 乘 {b} 等于多少？",
+        "mul.split": "把 {n} 按数位拆开：{n} = {parts}。",
+        "mul.shift": "{fact}，所以 {left} = {product}",
+        "mul.add": "把部分积相加：{fact}",
+        "cmp.q": "比较 {a} 和 {b} 的大小，用 >、< 或 = 表示。",
+        "cmp.digits": "{n} 位数",
+        "cmp.digit": "1 位数",
+        "cmp.len": "{a} 是 {la}，{b} 是 {lb}。",
+        "cmp.more": "位数多的数大，所以 {answer}。",
+        "cmp.same": "两个数都是 {la}，从最高位起逐位比较。",
+        "cmp.eq": "{place}：{x} = {y}，相同",
+        "cmp.diff": "{place}：{x} {r} {y}，所以 {answer}。",
+        "cmp.all": "每一位都相同，所以 {answer}。",
+        "gcd.q": "求 {a} 和 {b} 的最大公因数。",
+        "gcd.intro": "用辗转相除法：用较大数除以较小数，再用除数除以余数，直到余数为 0。",
+        "gcd.step": "{x} ÷ {y} = {q}……{r}",
+        "gcd.done": "余数为 0，所以最大公因数是 {g}。",
+        "lin.q": "解方程：{lhs} = {c}。",
+        "lin.sub": "方程两边同时减去 {b}：{fact}",
+        "lin.add": "方程两边同时加上 {b}：{fact}",
+        "lin.div": "方程两边同时除以 {a}：{fact}",
+        "lin.check": "检验：{fact}，正确。",
+    },
+}
+
+# Word problems: (question, *steps) per variant. English plurals come pre-formatted ({price_d}:
+# "1 dollar" / "7 dollars"), as do the surface choices (names, items, vehicles).
+_WORD = {
+    "en": {
+        "price.total": (
+            "One {one} costs {price_d}. How many dollars do {qty} {many} cost?",
+            "Total cost = unit price × quantity.",
+            "{price} × {qty} = {total}",
+            "So {qty} {many} cost {total_d}.",
+        ),
+        "price.change": (
+            "{name} buys {qty} {many} at {price_d} each and pays {paid_d}. How many dollars of change should {name} get?",
+            "First find the total cost: {price} × {qty} = {total}.",
+            "Change = amount paid - total cost = {paid} - {total} = {change}",
+            "So {name} gets {change_d} in change.",
+        ),
+        "price.unit": (
+            "{qty} {many} cost {total_d} in total. How many dollars does one {one} cost?",
+            "Unit price = total cost ÷ quantity.",
+            "{total} ÷ {qty} = {price}",
+            "So one {one} costs {price_d}.",
+        ),
+        "rate.distance": (
+            "A {vehicle} travels at {speed} kilometers per hour. How many kilometers does it travel in {hours_d}?",
+            "Distance = speed × time.",
+            "{speed} × {hours} = {dist}",
+            "So it travels {dist} kilometers.",
+        ),
+        "rate.time": (
+            "A {vehicle} travels {dist} kilometers at {speed} kilometers per hour. How many hours does the trip take?",
+            "Time = distance ÷ speed.",
+            "{dist} ÷ {speed} = {hours}",
+            "So the trip takes {hours_d}.",
+        ),
+        "rate.work": (
+            "{name} can {verb} {r1} {things} per hour and {name2} can {verb} {r2} {things} per hour. "
+            "Working together, how many hours do they need to {verb} {job} {things}?",
+            "Together they {verb} {r1} + {r2} = {both} {things} per hour.",
+            "Time = total work ÷ combined rate: {job} ÷ {both} = {hours}",
+            "So they need {hours_d}.",
+        ),
+        "unit.to_small": (
+            "How many {smalls} are there in {amount}?",
+            "1 {big1} = {factor} {smalls}.",
+            "{big_d} = {big} × {factor} = {small} {smalls}",
+            "{small} + {rest} = {answer} {smalls}",
+            "So {amount} is {answer} {smalls}.",
+        ),
+        "unit.to_small_whole": (
+            "How many {smalls} are there in {amount}?",
+            "1 {big1} = {factor} {smalls}.",
+            "{big_d} = {big} × {factor} = {small} {smalls}",
+            "So {amount} is {answer} {smalls}.",
+        ),
+        "unit.to_big": (
+            "How many {bigs} is {small} {smalls}?",
+            "1 {big1} = {factor} {smalls}, so divide by {factor}.",
+            "{small} ÷ {factor} = {big}",
+            "So {small} {smalls} is {big_d}.",
+        ),
+    },
+    "zh": {
+        "price.total": (
+            "{noun}每{mw} {price} 元，买 {qty} {mw}需要多少元？",
+            "总价 = 单价 × 数量。",
+            "{price} × {qty} = {total}（元）",
+            "所以买 {qty} {mw}{noun}需要 {total} 元。",
+        ),
+        "price.change": (
+            "{name}买了 {qty} {mw}{noun}，每{mw} {price} 元，付了 {paid} 元，应找回多少元？",
+            "先求总价：{price} × {qty} = {total}（元）。",
+            "找回的钱 = 付的钱 - 总价：{paid} - {total} = {change}（元）",
+            "所以应找回 {change} 元。",
+        ),
+        "price.unit": (
+            "{qty} {mw}{noun}一共 {total} 元，每{mw}多少元？",
+            "单价 = 总价 ÷ 数量。",
+            "{total} ÷ {qty} = {price}（元）",
+            "所以每{mw}{noun} {price} 元。",
+        ),
+        "rate.distance": (
+            "{vehicle_zh}每小时行驶 {speed} 千米，{hours} 小时行驶多少千米？",
+            "路程 = 速度 × 时间。",
+            "{speed} × {hours} = {dist}（千米）",
+            "所以 {hours} 小时行驶 {dist} 千米。",
+        ),
+        "rate.time": (
+            "{vehicle_zh}以每小时 {speed} 千米的速度行驶了 {dist} 千米，用了几小时？",
+            "时间 = 路程 ÷ 速度。",
+            "{dist} ÷ {speed} = {hours}（小时）",
+            "所以用了 {hours} 小时。",
+        ),
+        "rate.work": (
+            "{name}每小时{verb_zh} {r1} {mw}{noun}，{name2}每小时{verb_zh} {r2} {mw}，两人合作{verb_zh} {job} {mw}{noun}需要几小时？",
+            "两人每小时一共{verb_zh} {r1} + {r2} = {both}（{mw}）。",
+            "工作时间 = 工作总量 ÷ 工作效率：{job} ÷ {both} = {hours}（小时）",
+            "所以两人合作需要 {hours} 小时。",
+        ),
+        "unit.to_small": (
+            "{amount_zh}是多少{small_zh}？",
+            "1 {big_zh} = {factor} {small_zh}。",
+            "{big} {big_zh} = {big} × {factor} = {small} {small_zh}",
+            "{small} + {rest} = {answer}（{small_zh}）",
+            "所以 {amount_zh}是 {answer} {small_zh}。",
+        ),
+        "unit.to_small_whole": (
+            "{amount_zh}是多少{small_zh}？",
+            "1 {big_zh} = {factor} {small_zh}。",
+            "{big} {big_zh} = {big} × {factor} = {small} {small_zh}",
+            "所以 {amount_zh}是 {answer} {small_zh}。",
+        ),
+        "unit.to_big": (
+            "{small} {small_zh}是多少{big_zh}？",
+            "1 {big_zh} = {factor} {small_zh}，{small_zh}化成{big_zh}要除以 {factor}。",
+            "{small} ÷ {factor} = {big}（{big_zh}）",
+            "所以 {small} {small_zh}是 {big} {big_zh}。",
+        ),
+    },
+}
+
+_NAMES = {
+    "en": ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma"),
+    "zh": ("小明", "小红", "小刚", "小丽", "李华", "王芳", "张伟", "刘洋"),
+}
+# (en singular, en plural, zh noun, zh measure word)
+_ITEMS = (
+    ("pencil", "pencils", "铅笔", "支"),
+    ("notebook", "notebooks", "笔记本", "本"),
+    ("apple", "apples", "苹果", "个"),
+    ("storybook", "storybooks", "故事书", "本"),
+    ("football", "footballs", "足球", "个"),
+    ("kite", "kites", "风筝", "只"),
+    ("bottle of milk", "bottles of milk", "牛奶", "瓶"),
+    ("bag of rice", "bags of rice", "大米", "袋"),
+    ("movie ticket", "movie tickets", "电影票", "张"),
+)
+_VEHICLES = (
+    ("car", "一辆汽车"),
+    ("train", "一列火车"),
+    ("bus", "一辆公交车"),
+    ("truck", "一辆卡车"),
+)
+# (en verb, en plural noun, zh verb, zh noun, zh measure word)
+_WORKS = (
+    ("make", "dumplings", "包", "饺子", "个"),
+    ("fold", "paper cranes", "折", "纸鹤", "只"),
+    ("make", "cards", "做", "贺卡", "张"),
+    ("make", "parts", "做", "零件", "个"),
+)
+# name: (factor, en big singular, en big plural, en small singular, en small plural, zh big, zh small)
+_UNITS = {
+    "km_m": (1000, "kilometer", "kilometers", "meter", "meters", "千米", "米"),
+    "kg_g": (1000, "kilogram", "kilograms", "gram", "grams", "千克", "克"),
+    "h_min": (60, "hour", "hours", "minute", "minutes", "小时", "分钟"),
+}
+
+Solution = tuple[str, list[str], str]  # question, steps, answer
+Builder = Callable[[str, random.Random], Solution]  # (lang, rng for surface choices) -> Solution
+Draw = tuple[str, Builder]  # key, builder
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _digits(n: int) -> list[int]:
+    """Decimal digits, units first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def _place_parts(n: int) -> list[int]:
+    """Non-zero place-value parts, highest first: 4025 -> [4000, 20, 5]."""
+    return [d * 10**i for i, d in reversed(list(enumerate(_digits(n)))) if d]
+
+
+def _paren(n: int) -> str:
+    return f"({n})" if n < 0 else str(n)
+
+
+def _word(lang: str, template: str, answer: int, **fields: object) -> Solution:
+    question, *steps = (t.format(answer=answer, **fields) for t in _WORD[lang][template])
+    return question, steps, str(answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic with written-out columns
+
+
+def _build_add(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+    t, places = _TEXT[lang], _PLACES[lang]
+    da, db = _digits(a), _digits(b)
+    steps = [t["add.intro"]]
+    carry, width = 0, max(len(da), len(db))
+    for i in range(width):
+        col = [d[i] for d in (da, db) if i < len(d)]
+        if len(col) == 1 and not carry:
+            steps.append(t["only"].format(place=places[i], d=col[0]))
+            continue
+        total = sum(col) + carry
+        expr = " + ".join(map(str, col)) + (t["add.carried"] if carry else "")
+        carry = total // 10
+        line = t["add.col"].format(place=places[i], expr=expr, total=total, digit=total % 10)
+        steps.append(line + (t["add.carry"] if carry else ""))
+    if carry:
+        steps.append(t["add.last"].format(place=places[width]))
+    steps.append(t["so"].format(fact=f"{a} + {b} = {a + b}"))
+    return t[rng.choice(("add.q", "add.q2"))].format(a=a, b=b), steps, str(a + b)
+
+
+def _sub_columns(top: int, bottom: int, lang: str) -> list[str]:
+    """Column subtraction top - bottom (top >= bottom >= 0), borrowing from the next place."""
+    t, places = _TEXT[lang], _PLACES[lang]
+    dt, db = _digits(top), _digits(bottom)
+    lines, borrow = [], 0
+    for i, d in enumerate(dt):
+        low = d - borrow  # -1 when a 0 has lent; -1 + 10 = 9 is still right
+        sub = db[i] if i < len(db) else None
+        parts = [t["sub.lent"].format(d=d, low=low)] if borrow else []
+        if low < (sub or 0):
+            assert i + 1 < len(dt), "top >= bottom, so the highest column never borrows"
+            sub, high = sub or 0, low + 10
+            fields = dict(low=low, sub=sub, next=places[i + 1], high=high, diff=high - sub)
+            parts.append(t["sub.borrow"].format(**fields))
+            digit, borrow = high - sub, 1
+        else:
+            if sub is not None:
+                parts.append(f"{low} - {sub} = {low - sub}")
+            digit, borrow = low - (sub or 0), 0
+        if parts:
+            lines.append(
+                t["sub.col"].format(place=places[i], body=t["sub.sep"].join(parts), digit=digit)
+            )
+        else:
+            lines.append(t["only"].format(place=places[i], d=d))
+    return lines
+
+
+def _build_sub(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+    t = _TEXT[lang]
+    steps = [t["sub.neg"].format(a=a, b=b)] if a < b else []
+    steps.append(t["sub.intro"])
+    steps += _sub_columns(max(a, b), min(a, b), lang)
+    if a < b:
+        steps.append(t["sub.negso"].format(fact=f"{b} - {a} = {b - a}", a=a, b=b, diff=a - b))
+    else:
+        steps.append(t["so"].format(fact=f"{a} - {b} = {a - b}"))
+    return t[rng.choice(("sub.q", "sub.q2"))].format(a=a, b=b), steps, str(a - b)
+
+
+def _build_mul(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+    """a × b by partial products: split b by place value, or a when b is a single digit."""
+    t = _TEXT[lang]
+    split, other = (a, b) if b < 10 else (b, a)
+    parts = _place_parts(split)
+    steps = []
+    if len(parts) > 1:
+        steps.append(t["mul.split"].format(n=split, parts=" + ".join(map(str, parts))))
+    for part in parts:
+        if split == a:
+            steps.append(f"{part} × {b} = {part * b}")
+        elif part < 10:
+            steps.append(f"{a} × {part} = {a * part}")
+        else:  # a × 30: a × 3, then shift one place
+            digit = int(str(part)[0])
+            fact = f"{a} × {digit} = {a * digit}"
+            steps.append(t["mul.shift"].format(fact=fact, left=f"{a} × {part}", product=a * part))
+    if len(parts) > 1:
+        products = " + ".join(str(part * other) for part in parts)
+        steps.append(t["mul.add"].format(fact=f"{products} = {a * b}"))
+    steps.append(t["so"].format(fact=f"{a} × {b} = {a * b}"))
+    return t[rng.choice(("mul.q", "mul.q2"))].format(a=a, b=b), steps, str(a * b)
+
+
+def _build_compare(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+    t = _TEXT[lang]
+    rel = ">" if a > b else "<" if a < b else "="
+    answer = f"{a} {rel} {b}"
+    sa, sb = str(a), str(b)
+    la, lb = (t["cmp.digit"] if len(s) == 1 else t["cmp.digits"].format(n=len(s)) for s in (sa, sb))
+    if len(sa) != len(sb):
+        steps = [t["cmp.len"].format(a=a, b=b, la=la, lb=lb), t["cmp.more"].format(answer=answer)]
+        return t["cmp.q"].format(a=a, b=b), steps, answer
+    steps = [t["cmp.same"].format(la=la)]
+    for i, (x, y) in enumerate(zip(sa, sb, strict=True)):
+        place = _PLACES[lang][len(sa) - 1 - i]
+        if x != y:
+            r = ">" if x > y else "<"
+            steps.append(t["cmp.diff"].format(place=place, x=x, y=y, r=r, answer=answer))
+            break
+        steps.append(t["cmp.eq"].format(place=place, x=x, y=y))
+    else:
+        steps.append(t["cmp.all"].format(answer=answer))
+    return t["cmp.q"].format(a=a, b=b), steps, answer
+
+
+def _build_gcd(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+    t = _TEXT[lang]
+    steps = [t["gcd.intro"]]
+    x, y = max(a, b), min(a, b)
+    while y:
+        q, r = divmod(x, y)
+        steps.append(t["gcd.step"].format(x=x, y=y, q=q, r=r))
+        x, y = y, r
+    steps.append(t["gcd.done"].format(g=x))
+    return t["gcd.q"].format(a=a, b=b), steps, str(x)
+
+
+def _build_linear(a: int, b: int, c: int, lang: str, rng: random.Random) -> Solution:
+    t = _TEXT[lang]
+    x = (c - b) // a
+    assert a * x + b == c, "the sampler only makes integer solutions"
+    plus_b = f" + {b}" if b > 0 else f" - {-b}" if b < 0 else ""
+    steps = []
+    if b > 0:
+        steps.append(t["lin.sub"].format(b=b, fact=f"{a}x = {c} - {b} = {c - b}"))
+    elif b < 0:
+        steps.append(t["lin.add"].format(b=-b, fact=f"{a}x = {c} + {-b} = {c - b}"))
+    steps.append(t["lin.div"].format(a=a, fact=f"x = {c - b} ÷ {_paren(a)} = {x}"))
+    steps.append(t["lin.check"].format(fact=f"{a} × {_paren(x)}{plus_b} = {c}"))
+    return t["lin.q"].format(lhs=f"{a}x{plus_b}", c=c), steps, f"x = {x}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Word problems: surface choices (names, items) come from rng, the numbers from the key
+
+
+def _build_price(
+    variant: str, price: int, qty: int, paid: int, lang: str, rng: random.Random
+) -> Solution:
+    one, many, noun, mw = rng.choice(_ITEMS)
+    total = price * qty
+    answer = {"total": total, "change": paid - total, "unit": price}[variant]
+    amounts = dict(price=price, qty=qty, total=total, paid=paid, change=paid - total)
+    dollars = {f"{k}_d": _count(v, "dollar", "dollars") for k, v in amounts.items()}
+    names = dict(one=one, many=many, noun=noun, mw=mw, name=rng.choice(_NAMES[lang]))
+    return _word(lang, f"price.{variant}", answer, **amounts, **dollars, **names)
+
+
+def _build_rate(
+    variant: str, r1: int, r2: int, hours: int, lang: str, rng: random.Random
+) -> Solution:
+    """distance / time: speed r1 for `hours`; work: rates r1 and r2 together for `hours`."""
+    fields: dict[str, object] = dict(hours=hours, hours_d=_count(hours, "hour", "hours"))
+    if variant == "work":
+        verb, things, verb_zh, noun, mw = rng.choice(_WORKS)
+        name, name2 = rng.sample(_NAMES[lang], 2)
+        fields |= dict(
+            verb=verb, things=things, verb_zh=verb_zh, noun=noun, mw=mw, name=name, name2=name2
+        )
+        fields |= dict(r1=r1, r2=r2, both=r1 + r2, job=(r1 + r2) * hours)
+        return _word(lang, "rate.work", hours, **fields)
+    vehicle, vehicle_zh = rng.choice(_VEHICLES)
+    fields |= dict(vehicle=vehicle, vehicle_zh=vehicle_zh, speed=r1, dist=r1 * hours)
+    return _word(lang, f"rate.{variant}", r1 * hours if variant == "distance" else hours, **fields)
+
+
+def _build_unit(
+    pair: str, to_small: bool, big: int, rest: int, lang: str, rng: random.Random
+) -> Solution:
+    """to_small: `big` big units and `rest` small ones -> small units; else big * factor small -> big."""
+    factor, big1, bigs, small1, smalls, big_zh, small_zh = _UNITS[pair]
+    small = big * factor
+    big_d = _count(big, big1, bigs)
+    amount = big_d + (f" {_count(rest, small1, smalls)}" if rest else "")
+    amount_zh = f"{big} {big_zh}" + (f" {rest} {small_zh}" if rest else "")
+    fields = dict(
+        factor=factor, big1=big1, bigs=bigs, smalls=smalls, big_zh=big_zh, small_zh=small_zh
+    )
+    fields |= dict(big=big, big_d=big_d, small=small, rest=rest, amount=amount, amount_zh=amount_zh)
+    if not to_small:
+        return _word(lang, "unit.to_big", big, **fields)
+    return _word(lang, "unit.to_small" if rest else "unit.to_small_whole", small + rest, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers: draw operands within the difficulty knobs, return (key, builder). Keys sort the
+# operands of symmetric problems so that 65 + 478 and 478 + 65 land in the same split.
+
+
+def _number(rng: random.Random, max_digits: int, low: int = 0) -> int:
+    """Pick the digit count uniformly first, so short and long operands are equally common."""
+    k = rng.randint(1, max_digits)
+    return rng.randint(max(low, 10 ** (k - 1) if k > 1 else 0), 10**k - 1)
+
+
+def _sorted_key(kind: str, a: int, b: int) -> str:
+    return f"{kind}:{min(a, b)}:{max(a, b)}"
+
+
+def _sample_add(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    a, b = _number(rng, cfg.max_digits), _number(rng, cfg.max_digits)
+    return _sorted_key("add", a, b), partial(_build_add, a, b)
+
+
+def _sample_sub(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    a, b = _number(rng, cfg.max_digits), _number(rng, cfg.max_digits)
+    return f"sub:{a}:{b}", partial(_build_sub, a, b)
+
+
+def _sample_mul(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    a, b = _number(rng, cfg.max_digits, low=2), _number(rng, cfg.max_multiplier_digits, low=2)
+    return _sorted_key("mul", a, b), partial(_build_mul, a, b)
+
+
+def _sample_compare(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    a = _number(rng, cfg.max_digits)
+    u = rng.random()
+    if u < 0.05:
+        b = a
+    elif u < 0.55:  # same length, shared prefix: exercises the digit-by-digit comparison
+        digits = list(str(a))
+        i = rng.randrange(len(digits))
+        lowest = 1 if i == 0 and len(digits) > 1 else 0
+        digits[i] = str(rng.choice([d for d in range(lowest, 10) if d != int(digits[i])]))
+        digits[i + 1 :] = [str(rng.randint(0, 9)) for _ in digits[i + 1 :]]
+        b = int("".join(digits))
+    else:
+        b = _number(rng, cfg.max_digits)
+    return _sorted_key("compare", a, b), partial(_build_compare, a, b)
+
+
+def _sample_gcd(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    # a common factor g makes the answer non-trivial far more often than two random numbers
+    hi = 10**cfg.max_digits - 1
+    g = rng.randint(1, math.isqrt(hi))
+    m, n = rng.sample(range(1, hi // g + 1), 2)
+    a, b = g * m, g * n
+    return _sorted_key("gcd", a, b), partial(_build_gcd, a, b)
+
+
+def _sample_price(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    variant = rng.choice(("total", "change", "unit"))
+    price, qty = rng.randint(1, cfg.max_rate), rng.randint(2, cfg.max_quantity)
+    paid = 0
+    if variant == "change":  # pay with the next banknote above the total, sometimes the one after
+        notes = [m * 10**e for e in range(12) for m in (1, 2, 5)]
+        above = [v for v in notes if v > price * qty]
+        paid = above[rng.random() < 0.3]
+    return f"price:{variant}:{price}:{qty}:{paid}", partial(_build_price, variant, price, qty, paid)
+
+
+def _sample_rate(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    variant = rng.choice(("distance", "time", "work"))
+    r1, hours = rng.randint(2, cfg.max_rate), rng.randint(1, cfg.max_quantity)
+    r2 = rng.randint(2, cfg.max_rate) if variant == "work" else 0
+    key_rates = f"{min(r1, r2)}:{max(r1, r2)}" if variant == "work" else f"{r1}:{r2}"
+    return f"rate:{variant}:{key_rates}:{hours}", partial(_build_rate, variant, r1, r2, hours)
+
+
+def _sample_unit(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    pair = rng.choice(tuple(_UNITS))
+    to_small = rng.random() < 0.5
+    big = rng.randint(1, 10 ** max(1, cfg.max_digits - 1) - 1)
+    rest = rng.randint(0, _UNITS[pair][0] - 1) if to_small else 0
+    direction = "to_small" if to_small else "to_big"
+    return f"unit:{pair}:{direction}:{big}:{rest}", partial(_build_unit, pair, to_small, big, rest)
+
+
+def _sample_linear(rng: random.Random, cfg: CorpusConfig) -> Draw:
+    a = rng.choice((-1, 1)) * rng.randint(2, cfg.max_coef)
+    x = rng.randint(-cfg.max_coef, cfg.max_coef)
+    b = rng.randint(-10 * cfg.max_coef, 10 * cfg.max_coef)
+    c = a * x + b
+    return f"linear:{a}:{b}:{c}", partial(_build_linear, a, b, c)
+
+
+_SAMPLERS: dict[str, Callable[[random.Random, CorpusConfig], Draw]] = {
+    "add": _sample_add,
+    "sub": _sample_sub,
+    "mul": _sample_mul,
+    "compare": _sample_compare,
+    "gcd": _sample_gcd,
+    "price": _sample_price,
+    "rate": _sample_rate,
+    "unit": _sample_unit,
+    "linear": _sample_linear,
+}
+assert set(_SAMPLERS) == set(KINDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def generate(config: CorpusConfig, split: str) -> list[Problem]:
+    """The split's problems, round-robin over kinds then languages, so every prefix is balanced.
+
+    Candidates whose key hashes to another split, or that repeat a key already taken, are
+    skipped; rejection happens on the key, before any text is built.
+    """
+    num = config.split_size(split)
+    rng = random.Random(_hash_int(f"tinyreason-synthetic:{config.seed}:{split}"))
+    seen: set[str] = set()
+    problems = []
+    num_kinds = len(config.kinds)
+    for slot in range(num):
+        kind = config.kinds[slot % num_kinds]
+        lang = config.langs[(slot // num_kinds) % len(config.langs)]
+        sample = _SAMPLERS[kind]
+        for _ in range(_MAX_TRIES):
+            key, build = sample(rng, config)
+            if key not in seen and split_of(key) == split:
+                break
+        else:
+            raise ValueError(
+                f"ran out of distinct {kind!r} problems for split {split!r} after {len(problems)} "
+                f"problems; lower the split size or raise max_digits / max_quantity / max_rate / max_coef"
+            )
+        seen.add(key)
+        question, steps, answer = build(lang, rng)
+        problems.append(Problem(kind, lang, question, steps, answer, key))
+    return problems
+
+
+_ANSWER_PREFIX = {"en": "Answer: ", "zh": "答案："}
+_ANSWER_LINE = re.compile(r"^[ \t]*(?:Answer|答案)[ \t]*[:：][ \t]*(.*?)[ \t]*$", re.MULTILINE)
+
+
+def format_text(problem: Problem) -> str:
+    steps = "\n".join(problem.steps)
+    answer = _ANSWER_PREFIX[problem.lang] + problem.answer
+    return f"{problem.question}\n<think>\n{steps}\n</think>\n{answer}"
+
+
+def parse_answer(text: str) -> str | None:
+    """The last "Answer:" / "答案：" line after the last </think> (anywhere if there is none)."""
+    _, _, tail = text.rpartition("</think>")
+    matches = _ANSWER_LINE.findall(tail)
+    if not matches:
+        return None
+    answer = matches[-1].rstrip("。.").strip()
+    return answer or None
+
+
+def _normalise(answer: str) -> str:
+    # answers are numbers and relations, so spacing carries no meaning: "x=5" == "x = 5"
+    return "".join(answer.split())
+
+
+def check(problem: Problem, completion: str) -> bool:
+    answer = parse_answer(completion)
+    return answer is not None and _normalise(answer) == _normalise(problem.answer)
