@@ -37,4 +37,6 @@ def test_schedules_warm_up_then_end_at_min(schedule):
     end = lr_factor(100, cfg)
     assert end == pytest.approx(1.0 if schedule == "constant" else 0.1)
     values = [lr_factor(s, cfg) for s in range(10, 101)]
-    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:])), "lr must not rise after warmup"
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:], strict=False)), (
+        "lr must not rise after warmup"
+    )

@@ -56,7 +56,10 @@ def test_special_and_think_tokens_are_single_ids(bpe):
 
 
 def test_chat_template_matches_chat_document(bpe):
-    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\n2+2=4\n</think>\nAnswer: 4"}]
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\n2+2=4\n</think>\nAnswer: 4"},
+    ]
     rendered = bpe.apply_chat_template(messages, tokenize=False)
     assert rendered == tk.chat_document("2+2?", "<think>\n2+2=4\n</think>\nAnswer: 4")
     prompt = bpe.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
@@ -71,7 +74,7 @@ def test_token_byte_lengths_sum_to_utf8_bytes(bpe):
         assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
     for token in tk.SPECIAL_TOKENS + tk.ADDED_TOKENS:
         assert lengths[bpe.convert_tokens_to_ids(token)] == 0
-    assert int(lengths[len(bpe):].abs().sum()) == 0  # padding rows
+    assert int(lengths[len(bpe) :].abs().sum()) == 0  # padding rows
 
 
 def test_vocab_too_small_is_refused():

@@ -41,8 +41,19 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
     assert list((run / "checkpoints").glob("best-*.ckpt"))
     rows = read_csv(run)
     columns = set().union(*(r.keys() for r in rows))
-    for key in ["train/loss", "train/ce", "train/mtp", "train/balance", "val/loss", "val/bpb",
-                "val/ppl", "lr", "grad_norm", "perf/tokens_per_s", "tokens"]:
+    for key in [
+        "train/loss",
+        "train/ce",
+        "train/mtp",
+        "train/balance",
+        "val/loss",
+        "val/bpb",
+        "val/ppl",
+        "lr",
+        "grad_norm",
+        "perf/tokens_per_s",
+        "tokens",
+    ]:
         assert key in columns, key
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert len(bpb) == 3  # step 0, 5, 10
@@ -52,7 +63,8 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
     assert ckpt["global_step"] == 10
     assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values()), "plain tensors only"
     if precision == "fp8":
-        from torchao.float8 import Float8Linear
+        from torchao.float8.float8_linear import Float8Linear
+
         from tinyreason.training.module import LitCausalLM
 
         lit = LitCausalLM(**ckpt["hyper_parameters"])

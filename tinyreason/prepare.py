@@ -58,7 +58,13 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
 def main(cfg: DictConfig) -> None:
     data = prepare_data(cfg)
     splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in data.manifest["splits"].items())
-    log.info("tokenizer %s (%d tokens); shards %s (%s)", data.tokenizer_dir, len(data.tokenizer), data.shard_root, splits)
+    log.info(
+        "tokenizer %s (%d tokens); shards %s (%s)",
+        data.tokenizer_dir,
+        len(data.tokenizer),
+        data.shard_root,
+        splits,
+    )
 
 
 if __name__ == "__main__":

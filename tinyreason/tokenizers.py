@@ -147,7 +147,9 @@ def load(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder} is not a tokenizer folder: it has no tokenizer.json")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    missing = [t for t in SPECIAL_TOKENS + ADDED_TOKENS if tokenizer.convert_tokens_to_ids(t) is None]
+    missing = [
+        t for t in SPECIAL_TOKENS + ADDED_TOKENS if tokenizer.convert_tokens_to_ids(t) is None
+    ]
     if missing:
         raise ValueError(f"tokenizer at {folder} lacks the special tokens {missing}")
     return tokenizer
@@ -167,7 +169,7 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast, size: int | None = None) -> torch.Tensor:

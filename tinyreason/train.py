@@ -190,6 +190,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    logging.getLogger("litdata").setLevel(logging.WARNING)  # one INFO line per dataset otherwise
     metrics = train(cfg)
     return metrics.get("val/bpb")  # the value a sweeper would minimise
 

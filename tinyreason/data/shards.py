@@ -112,7 +112,9 @@ def read_manifest(root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"shard manifest {root / MANIFEST} is unreadable ({e}); delete {root}") from e
+        raise ValueError(
+            f"shard manifest {root / MANIFEST} is unreadable ({e}); delete {root}"
+        ) from e
     expected = {
         "format_version": FORMAT_VERSION,
         "corpus_fingerprint": corpus_fp,
@@ -121,7 +123,9 @@ def read_manifest(root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int
     }
     wrong = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
     if wrong:
-        detail = ", ".join(f"{k}: shards have {a!r}, run needs {b!r}" for k, (a, b) in wrong.items())
+        detail = ", ".join(
+            f"{k}: shards have {a!r}, run needs {b!r}" for k, (a, b) in wrong.items()
+        )
         raise ValueError(f"shards at {root} do not match this run ({detail}); delete {root}")
     for split in SPLITS:
         if not (root / split / "index.json").is_file():

@@ -36,7 +36,9 @@ class ReasoningCorpus:
 
     def documents(self, split: str) -> list[str]:
         """Each problem as one chat conversation: user question, assistant <think> + answer."""
-        return [chat_document(p.question, solution(p)) for p in synthetic.generate(self.config, split)]
+        return [
+            chat_document(p.question, solution(p)) for p in synthetic.generate(self.config, split)
+        ]
 
     def tokenizer_texts(self) -> Iterator[str]:
         for p in synthetic.generate(self.config, "train"):

@@ -31,12 +31,12 @@ class MoEBiasUpdate(L.Callback):
         if dist.is_available() and dist.is_initialized():
             counts = torch.stack([m.tokens_per_expert for m in layers])
             dist.all_reduce(counts)
-            for m, c in zip(layers, counts):
+            for m, c in zip(layers, counts, strict=True):
                 m.tokens_per_expert.copy_(c)
         stats = {}
         for i, m in enumerate(layers):
-            load = m.tokens_per_expert.clone()
             m.update_bias(gamma)
+            load = m.last_load
             stats[f"moe/max_vio_{i}"] = (load.max() / load.mean().clamp(min=1) - 1).item()
         stats["moe/max_vio"] = max(stats.values())
         pl_module.log_dict(stats, on_step=True, on_epoch=False)

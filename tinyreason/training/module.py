@@ -27,7 +27,9 @@ class LitCausalLM(L.LightningModule):
         self.precision_config = PrecisionConfig(**(precision or {}))
         self.model: CausalLM | None = None
         # UTF-8 bytes of each token id, for BPB; saved with the checkpoint, filled by `train`.
-        self.register_buffer("token_bytes", torch.zeros(self.model_config.vocab_size, dtype=torch.int32))
+        self.register_buffer(
+            "token_bytes", torch.zeros(self.model_config.vocab_size, dtype=torch.int32)
+        )
         self.val_bpb = BitsPerByte()
         self.val_ppl = Perplexity(ignore_index=-100)
 
@@ -80,4 +82,7 @@ class LitCausalLM(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.model, self.optim_config)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,12 +1,12 @@
 """The `precision` group: Lightning precision strings, and FP8 training of the eligible linears.
 
-    fp32   "32-true"
-    bf16   "bf16-mixed" (fp32 master weights, bf16 autocast)
-    fp8    "bf16-mixed" + torchao float8 training (`convert_to_float8_training`) of every nn.Linear
-           whose dims a float8 GEMM takes (multiples of 16), except the output head. The embedding,
-           router (a plain Parameter, not an nn.Linear), norms and the attention core stay in high
-           precision (DeepSeek-V3 §3.3.1). Without an FP8-capable GPU (sm89+) the same numerics run
-           emulated (`emulate=True`).
+fp32   "32-true"
+bf16   "bf16-mixed" (fp32 master weights, bf16 autocast)
+fp8    "bf16-mixed" + torchao float8 training (`convert_to_float8_training`) of every nn.Linear
+       whose dims a float8 GEMM takes (multiples of 16), except the output head. The embedding,
+       router (a plain Parameter, not an nn.Linear), norms and the attention core stay in high
+       precision (DeepSeek-V3 §3.3.1). Without an FP8-capable GPU (sm89+) the same numerics run
+       emulated (`emulate=True`).
 """
 
 from __future__ import annotations
