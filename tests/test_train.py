@@ -3,6 +3,9 @@
 import csv
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -114,3 +117,36 @@ def test_shards_of_another_tokenizer_are_refused(make_cfg):
     m = data.manifest
     with pytest.raises(ValueError, match="tokenizer_fingerprint"):
         read_manifest(data.shard_root, m["corpus_fingerprint"], "bpe-999-other", m["vocab_size"])
+
+
+def test_multirun_gives_each_job_its_own_grouped_wandb_run(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyreason.train",
+            "-m",
+            "debug=fast",
+            "logger=wandb",
+            "model=moe,dense",
+            f"hydra.sweep.dir={sweep}",
+            f"cache_dir={cache_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = []
+    for job, model in [("0", "moe"), ("1", "dense")]:
+        run = sweep / job
+        assert (run / ".hydra" / "config.yaml").is_file()
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        ids.append((run / "wandb_id.txt").read_text())
+        (record,) = run.glob("wandb/offline-run-*/run-*.wandb")
+        blob = record.read_bytes()
+        assert f"logger=wandb,model={model}".encode() in blob  # run name: the sorted overrides
+        assert b"sweep" in blob  # group = the sweep folder's name
+    assert ids[0] != ids[1]

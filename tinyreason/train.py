@@ -118,6 +118,16 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def _finish_wandb(trainer: L.Trainer) -> None:
+    # Lightning reuses an active W&B run for the next WandbLogger: finish it so that every job of a
+    # multirun (same process) gets its own run.
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
 def _sweep_names() -> tuple[str | None, str | None]:
     """In a multirun, W&B runs are grouped by sweep and named by their overrides."""
     from hydra.core.hydra_config import HydraConfig
@@ -170,7 +180,10 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     if ckpt is None:  # step-0 validation: the reference point of every curve
         first = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/bpb"]
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    finally:
+        _finish_wandb(trainer)
     seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["tokens"] = float(module.tokens_seen)
