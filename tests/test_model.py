@@ -95,12 +95,13 @@ def test_hf_parameter_names() -> None:
         "layers.1.mlp.gate.weight",
         "layers.1.mlp.gate.e_score_correction_bias",
         "layers.1.mlp.shared_experts.down_proj.weight",
-        "layers.2.mlp.experts.15.up_proj.weight",
+        "layers.2.mlp.experts.gate_up_proj",  # HF fused layout [E, 2F, D]
+        "layers.2.mlp.experts.down_proj",
         "mtp.0.enorm.weight",
         "mtp.0.hnorm.weight",
         "mtp.0.eh_proj.weight",
         "mtp.0.norm.weight",
-        "mtp.0.block.mlp.experts.0.gate_proj.weight",  # MTP block is MoE
+        "mtp.0.block.mlp.experts.gate_up_proj",  # MTP block is MoE
     ]:
         assert key in names, key
     assert not any("tokens_per_expert" in n or "last_load" in n for n in names)  # not persistent
@@ -141,7 +142,7 @@ def test_param_and_flop_counts() -> None:
 def test_init_weights_table() -> None:
     cfg = dataclasses.replace(debug_config(V, "moe"), init_std=0.05, num_layers=8)
     model = _model(cfg)
-    std = model.layers[3].mlp.experts[0].gate_proj.weight.std().item()
+    std = model.layers[3].mlp.experts.gate_up_proj.std().item()
     assert std == pytest.approx(0.05, rel=0.1)
     o_std = (
         torch.cat([layer.self_attn.o_proj.weight.flatten() for layer in model.layers]).std().item()

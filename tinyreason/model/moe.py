@@ -1,9 +1,11 @@
 """DeepSeekMoE: sigmoid router with group-limited top-k and aux-loss-free bias, routed experts
-(reference per-expert loop), shared experts, and the sequence-wise balance loss.
-DeepSeek-V3 report §2.1.2, eqs. 12-20 (arXiv 2412.19437).
+(grouped GEMMs over HF's fused 3-D weights; the per-expert loop as reference), shared experts,
+and the sequence-wise balance loss. DeepSeek-V3 report §2.1.2, eqs. 12-20 (arXiv 2412.19437).
 
 Shape legend: B batch, S sequence, T tokens (B*S flattened), D hidden size, E routed experts,
-K experts per token, G expert groups, X experts per group (E/G).
+K experts per token, G expert groups, X experts per group (E/G), F expert FFN width,
+M token-expert slots (T*K), N tokens of one expert, I and O a grouped GEMM's input and output
+widths.
 """
 
 from __future__ import annotations
@@ -79,6 +81,115 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, top_k: int, alpha: float) ->
     return alpha * (f_BE * p_BE).sum(dim=-1).mean()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the CPU `_grouped_mm`
+    backward rejects an expanded grad_output (e.g. from `.sum().backward()`), spec §4.4."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """Whether `torch.nn.functional.grouped_mm` runs these operands: CUDA sm80+ in bf16; CPU in
+    fp32/bf16 when every non-unit stride of the operands and the output is a multiple of 16 bytes
+    (torch 2.13 CPU raises "strides should be multiple of 16 bytes" otherwise)."""
+    if not hasattr(F, "grouped_mm") or x_MI.dtype != w_EIO.dtype:
+        return False
+    if x_MI.device.type == "cuda":
+        sm80 = torch.cuda.get_device_capability(x_MI.device) >= (8, 0)
+        return sm80 and x_MI.dtype == torch.bfloat16
+    if x_MI.device.type != "cpu" or x_MI.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    size = x_MI.element_size()
+    strides = [*x_MI.stride(), *w_EIO.stride(), w_EIO.shape[-1]]  # the last: output row stride
+    return all(s * size % 16 == 0 for s in strides if s != 1)
+
+
+def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ w[e]: rows of expert e are offsets[e-1]:offsets[e] (int32,
+    cumulative; offsets[-1] == M). The one grouped GEMM of the routed experts.
+
+    This is the hook for low-precision expert GEMMs: `Experts.grouped_mm` calls it for the gate/up
+    and the down projection, with `w_EIO` a transposed (column-major) view of the [E, O, I]
+    Parameter, the layout FP8 grouped kernels expect. Replace it on an `Experts` instance
+    (`experts.grouped_mm = fp8_grouped_mm`, same signature) or in a subclass.
+    Runs `F.grouped_mm` where supported, else a loop of matmuls over the groups (same result).
+    """
+    if grouped_mm_supported(x_MI, w_EIO):
+        return _ContiguousGrad.apply(F.grouped_mm(x_MI, w_EIO, offs=offsets_E))
+    ends = offsets_E.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat(
+        [x_MI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(starts, ends, strict=True))]
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype when it is on (grouped_mm is not an autocast op), else the input's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class Experts(nn.Module):
+    """The E routed SwiGLU experts as fused 3-D weights, HF `DeepseekV3Experts` names and shapes:
+    `gate_up_proj` [E, 2F, D] (rows [0, F) gate, [F, 2F) up) and `down_proj` [E, D, F].
+
+    `forward` sorts the token-expert slots by expert and runs two grouped GEMMs; `reference` is the
+    plain per-expert loop over the same tensors, kept for tests. Neither drops tokens.
+    """
+
+    grouped_mm = staticmethod(grouped_mm)  # the low-precision hook, see `grouped_mm`
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        E, D, F_ = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) -> [T, D] in x's dtype."""
+        T, K = ids_TK.shape
+        ids_M = ids_TK.flatten()
+        order_M = ids_M.argsort(stable=True)  # slot t*K + k, grouped by expert
+        counts_E = torch.bincount(ids_M, minlength=self.num_experts)
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        dtype = _compute_dtype(x_TD)
+        tokens_M = order_M // K
+        x_MD = x_TD[tokens_M].to(dtype)
+        gate_up_M2F = self.grouped_mm(
+            x_MD, self.gate_up_proj.to(dtype).transpose(-2, -1), offsets_E
+        )
+        gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)
+        y_MD = self.grouped_mm(
+            F.silu(gate_MF) * up_MF, self.down_proj.to(dtype).transpose(-2, -1), offsets_E
+        )
+        y_MD = y_MD * w_TK.flatten()[order_M, None]  # gate weights are fp32: combine in fp32
+        out_TD = torch.zeros(T, x_TD.shape[1], dtype=y_MD.dtype, device=x_TD.device)
+        return out_TD.index_add_(0, tokens_M, y_MD).to(x_TD.dtype)
+
+    def reference(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """The per-expert loop (HF "eager" experts): expert e runs on exactly its tokens."""
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            token_N, k_N = torch.where(ids_TK == e)
+            if token_N.numel() == 0:
+                continue
+            gate_NF, up_NF = F.linear(x_TD[token_N], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y_ND = F.linear(F.silu(gate_NF) * up_NF, self.down_proj[e])
+            out_TD.index_add_(0, token_N, (y_ND * w_TK[token_N, k_N, None]).to(out_TD.dtype))
+        return out_TD
+
+
 class MoE(nn.Module):
     """h' = sum_k g_k Expert_{id_k}(u) + Shared(u) (eq. 12; the residual is added by the Block)."""
 
@@ -93,54 +204,40 @@ class MoE(nn.Module):
         )
         d = config.hidden_size
         self.gate = Router(d, moe)
-        self.experts = nn.ModuleList(
-            MLP(d, moe.moe_intermediate_size) for _ in range(moe.num_experts)
-        )
+        self.experts = Experts(moe.num_experts, d, moe.moe_intermediate_size)
         # All shared experts see every token, so they fuse into one MLP (HF layout).
         shared = moe.num_shared_experts * moe.moe_intermediate_size
         self.shared_experts = MLP(d, shared) if shared > 0 else None
         # Tokens routed to each expert since the last update_bias (training forwards only). Not saved:
-        # it is per-step state; a distributed caller all-reduces it before update_bias.
-        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts), persistent=False)
+        # it is per-step state; a distributed caller all-reduces it before update_bias. int64, so
+        # that a cast of the model to bf16 cannot round the counts.
         self.register_buffer(
-            "last_load", torch.zeros(moe.num_experts), persistent=False
-        )  # for logging
+            "tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False
+        )
+        self.register_buffer(  # the load of the last update_bias, for logging
+            "last_load", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False
+        )
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (output [B, S, D], balance loss scalar, already multiplied by alpha)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         ids_TK, w_TK, scores_TE = self.gate(x_TD)
-        out_TD = self._routed_experts(x_TD, ids_TK, w_TK)
+        if self.training:  # the load of the experts actually selected (post-bias, post-group)
+            self.tokens_per_expert += torch.bincount(ids_TK.flatten(), minlength=self.num_experts)
+        out_TD = self.experts(x_TD, ids_TK, w_TK)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         balance = sequence_balance_loss(scores_TE.view(B, S, -1), self.top_k, self.balance_alpha)
         return out_TD.view(B, S, D), balance
 
-    def _routed_experts(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
-    ) -> torch.Tensor:
-        """Reference loop: each expert runs on exactly the tokens routed to it (no dropping)."""
-        ids_flat = ids_TK.flatten()
-        counts_E = torch.bincount(ids_flat, minlength=self.num_experts)
-        if self.training:
-            self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
-        slots_by_expert = ids_flat.argsort(stable=True).split(counts_E.tolist())
-        w_flat = w_TK.flatten()
-        out_TD = torch.zeros_like(x_TD)
-        for expert, slots in zip(self.experts, slots_by_expert, strict=True):
-            if slots.numel() == 0:
-                continue
-            tokens = slots // self.top_k  # slot t*K + k belongs to token t
-            y = expert(x_TD[tokens]) * w_flat[slots, None]
-            out_TD.index_add_(0, tokens, y.to(out_TD.dtype))  # combine in the activation dtype
-        return out_TD
-
     @torch.no_grad()
     def update_bias(self, gamma: float) -> None:
         """Aux-loss-free balancing (§2.1.2): b_i += gamma * sign(mean load - load_i), i.e. raise the
-        bias of underloaded experts and lower it for overloaded ones; call once per optimizer step."""
-        load_E = self.tokens_per_expert
-        self.gate.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E)
-        self.last_load.copy_(load_E)
-        load_E.zero_()
+        bias of underloaded experts and lower it for overloaded ones; call once per optimizer step.
+        Moves the counts to `last_load` and zeroes them (also with gamma = 0)."""
+        load_E = self.tokens_per_expert.float()
+        if gamma:
+            self.gate.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E)
+        self.last_load.copy_(self.tokens_per_expert)
+        self.tokens_per_expert.zero_()

@@ -19,7 +19,7 @@ from .attention import Rope, build_attention, rope_cos_sin
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import MLP, RMSNorm
-from .moe import MoE, Router
+from .moe import Experts, MoE, Router
 from .mtp import MTPModule
 
 IGNORE_INDEX = -100
@@ -172,8 +172,9 @@ def init_weights(model: nn.Module, config: ModelConfig | None = None) -> None:
     | embed_tokens.weight                                 | N(0, init_std)                     |
     | nn.Linear weights (q/kv/k/v projections, gate_proj, | N(0, init_std)                     |
     |   up_proj, eh_proj, lm_head)                        |                                    |
+    | mlp.experts.gate_up_proj (routed, [E, 2F, D])       | N(0, init_std)                     |
     | o_proj.weight, down_proj.weight (dense MLP, shared  | N(0, init_std / sqrt(2*num_layers))|
-    |   and routed experts, MTP blocks)                   |                                    |
+    |   experts, MTP blocks), mlp.experts.down_proj       |                                    |
     | mlp.gate.weight (router)                            | N(0, init_std)                     |
     | mlp.gate.e_score_correction_bias                    | 0                                  |
     | every RMSNorm weight                                | 1                                  |
@@ -195,6 +196,9 @@ def init_weights(model: nn.Module, config: ModelConfig | None = None) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=residual_std)
         elif isinstance(module, Router):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             nn.init.zeros_(module.e_score_correction_bias)
