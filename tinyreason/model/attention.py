@@ -2,7 +2,7 @@
 
 Shape legend: B batch, S sequence, D hidden size, H query heads, G key/value heads,
 Q q/k head dim, P no-RoPE part of a MLA q/k head, R RoPE dims, U value head dim,
-C kv latent rank (kv_lora_rank).
+C kv latent rank (kv_lora_rank), T positions attended (cached + new; T = S without a KV cache).
 """
 
 from __future__ import annotations
@@ -49,17 +49,60 @@ def apply_rope(x_BSHR: torch.Tensor, rope: Rope, *, interleaved: bool) -> torch.
 
 
 def causal_attention(
-    q_BHSQ: torch.Tensor, k_BGSQ: torch.Tensor, v_BGSU: torch.Tensor, scale: float
+    q_BHSQ: torch.Tensor, k_BGTQ: torch.Tensor, v_BGTU: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v -> [B, H, S, U]; head h reads kv head h // (H/G).
 
+    With a KV cache the keys cover T >= S positions and the queries are the last S of them.
     SDPA accepts U != Q and G < H (enable_gqa) on CPU and GPU; its kernels accumulate the softmax
     in fp32, and tests check it against an explicit fp32 softmax reference.
     """
-    gqa = q_BHSQ.shape[1] != k_BGSQ.shape[1]
+    S, T = q_BHSQ.shape[2], k_BGTQ.shape[2]
+    gqa = q_BHSQ.shape[1] != k_BGTQ.shape[1]
+    mask_ST = None
+    if S != T and S > 1:  # a chunk after cached positions: query i sees keys <= T - S + i
+        mask_ST = torch.ones(S, T, dtype=torch.bool, device=q_BHSQ.device).tril(T - S)
     return F.scaled_dot_product_attention(
-        q_BHSQ, k_BGSQ, v_BGSU, is_causal=True, scale=scale, enable_gqa=gqa
+        q_BHSQ, k_BGTQ, v_BGTU, attn_mask=mask_ST, is_causal=S == T, scale=scale, enable_gqa=gqa
     )
+
+
+class LayerCache:
+    """One layer's cached tensors for incremental decoding, concatenated along dim 1 (positions)."""
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return self.tensors[0].shape[1] if self.tensors else 0
+
+    def extend(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append the new positions; return the tensors of every position so far."""
+        if self.tensors:
+            new = tuple(
+                torch.cat([old, n], dim=1) for old, n in zip(self.tensors, new, strict=True)
+            )
+        self.tensors = new
+        return new
+
+
+class KVCache:
+    """What attention keeps of the positions already processed, one `LayerCache` per main-model
+    layer (MTP blocks do not run when decoding).
+
+    MLA keeps its normalised latent c^KV [B, T, C] and rotated shared key k^R [B, T, 1, R]
+    (eqs. 1, 3): the small cache that MLA exists for; K^C and V are expanded from the latent again
+    each step (the "naive" form HF computes). GQA keeps rotated keys and values [B, T, G, Q].
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached, i.e. the position of the next input token."""
+        return self.layers[0].length
 
 
 class MLA(nn.Module):
@@ -98,7 +141,10 @@ class MLA(nn.Module):
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, d, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """x [B, S, D] at the positions of `rope`; with `cache`, after its T - S cached positions."""
         B, S, _ = x_BSD.shape
         H, P, R, U = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
         if self.q_lora_rank > 0:
@@ -107,15 +153,19 @@ class MLA(nn.Module):
             q = self.q_proj(x_BSD)
         q_nope_BSHP, q_rope_BSHR = q.view(B, S, H, P + R).split([P, R], dim=-1)
         c_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, R], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_BSC)).view(B, S, H, P + U)
-        k_nope_BSHP, v_BSHU = kv.split([P, U], dim=-1)
+        c_BSC = self.kv_a_layernorm(c_BSC)
+        k_rope_BS1R = apply_rope(k_rope_BSR[:, :, None, :], rope, interleaved=True)  # eq. 3
+        c_BTC, k_rope_BT1R = c_BSC, k_rope_BS1R
+        if cache is not None:
+            c_BTC, k_rope_BT1R = cache.extend(c_BSC, k_rope_BS1R)
+        T = c_BTC.shape[1]
+        k_nope_BTHP, v_BTHU = self.kv_b_proj(c_BTC).view(B, T, H, P + U).split([P, U], dim=-1)
 
         q_rope_BSHR = apply_rope(q_rope_BSHR, rope, interleaved=True)  # eq. 8
-        k_rope_BS1R = apply_rope(k_rope_BSR[:, :, None, :], rope, interleaved=True)  # eq. 3
         q_BSHQ = torch.cat([q_nope_BSHP, q_rope_BSHR], dim=-1)  # eq. 9
-        k_BSHQ = torch.cat([k_nope_BSHP, k_rope_BS1R.expand(B, S, H, R)], dim=-1)  # eq. 4
+        k_BTHQ = torch.cat([k_nope_BTHP, k_rope_BT1R.expand(B, T, H, R)], dim=-1)  # eq. 4
         o_BHSU = causal_attention(
-            q_BSHQ.transpose(1, 2), k_BSHQ.transpose(1, 2), v_BSHU.transpose(1, 2), self.scale
+            q_BSHQ.transpose(1, 2), k_BTHQ.transpose(1, 2), v_BTHU.transpose(1, 2), self.scale
         )  # eq. 10
         return self.o_proj(o_BHSU.transpose(1, 2).reshape(B, S, H * U))  # eq. 11
 
@@ -140,7 +190,9 @@ class GQA(nn.Module):
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, G, Q = self.num_heads, self.num_kv_heads, self.head_dim
         q_BSHQ = self.q_proj(x_BSD).view(B, S, H, Q)
@@ -150,8 +202,11 @@ class GQA(nn.Module):
             q_BSHQ, k_BSGQ = self.q_norm(q_BSHQ), self.k_norm(k_BSGQ)
         q_BSHQ = apply_rope(q_BSHQ, rope, interleaved=False)
         k_BSGQ = apply_rope(k_BSGQ, rope, interleaved=False)
+        k_BTGQ, v_BTGQ = k_BSGQ, v_BSGQ
+        if cache is not None:
+            k_BTGQ, v_BTGQ = cache.extend(k_BSGQ, v_BSGQ)
         o_BHSQ = causal_attention(
-            q_BSHQ.transpose(1, 2), k_BSGQ.transpose(1, 2), v_BSGQ.transpose(1, 2), self.scale
+            q_BSHQ.transpose(1, 2), k_BTGQ.transpose(1, 2), v_BTGQ.transpose(1, 2), self.scale
         )
         return self.o_proj(o_BHSQ.transpose(1, 2).reshape(B, S, H * Q))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Rope, build_attention, rope_cos_sin
+from .attention import KVCache, LayerCache, Rope, build_attention, rope_cos_sin
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import MLP, RMSNorm
@@ -36,9 +36,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = MoE(config) if use_moe else MLP(d, config.intermediate_size)
 
-    def forward(self, x_BSD: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (x [B, S, D], balance loss of the MoE FFN, or None for a dense FFN)."""
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope)
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, cache)
         h_BSD = self.post_attention_layernorm(x_BSD)
         if isinstance(self.mlp, MoE):
             h_BSD, balance = self.mlp(h_BSD)
@@ -89,17 +91,30 @@ class CausalLM(nn.Module):
         )
         init_weights(self)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
         """input_ids [B, S] -> logits; with targets [B, S] (targets[t] = token after input_ids[t],
-        IGNORE_INDEX to skip) also the losses and the MTP logits."""
-        _check_inputs(input_ids, targets, self.config.max_seq_len)
-        rope = rope_cos_sin(
-            input_ids.shape[1], self.config.rope_dim, self.config.rope_theta, input_ids.device
+        IGNORE_INDEX to skip) also the losses and the MTP logits. With a KV cache (decoding), the
+        inputs continue the cached positions and are appended to the cache."""
+        start = 0 if cache is None else cache.length
+        _check_inputs(input_ids, targets, self.config.max_seq_len, start)
+        if cache is not None and targets is not None:
+            raise ValueError("targets and a KV cache do not mix: the cache is for decoding")
+        cos, sin = rope_cos_sin(
+            start + input_ids.shape[1],
+            self.config.rope_dim,
+            self.config.rope_theta,
+            input_ids.device,
         )
+        rope = (cos[start:], sin[start:])
         x_BSD = self.embed_tokens(input_ids)
         balances: list[torch.Tensor] = []
-        for layer in self.layers:
-            x_BSD, balance = layer(x_BSD, rope)
+        for i, layer in enumerate(self.layers):
+            x_BSD, balance = layer(x_BSD, rope, None if cache is None else cache.layers[i])
             if balance is not None:
                 balances.append(balance)
         h_BSD = self.norm(x_BSD)  # also h^0 of MTP
@@ -151,12 +166,15 @@ class CausalLM(nn.Module):
         return flops_per_token(self, seq_len)
 
 
-def _check_inputs(input_ids: torch.Tensor, targets: torch.Tensor | None, max_seq_len: int) -> None:
+def _check_inputs(
+    input_ids: torch.Tensor, targets: torch.Tensor | None, max_seq_len: int, start: int = 0
+) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[1] > max_seq_len:
+    if start + input_ids.shape[1] > max_seq_len:
+        cached = f" after {start} cached ones" if start else ""
         raise ValueError(
-            f"input_ids has {input_ids.shape[1]} positions > max_seq_len {max_seq_len}"
+            f"input_ids has {input_ids.shape[1]} positions{cached} > max_seq_len {max_seq_len}"
         )
     if targets is not None and targets.shape != input_ids.shape:
         raise ValueError(
