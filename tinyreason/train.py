@@ -17,11 +17,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tinyreason.data.datamodule import PretrainDataModule
 from tinyreason.data.sources import build_corpus
+from tinyreason.export import TOKENIZER_DIR, check_exportable, export_model
 from tinyreason.model import ModelConfig
+from tinyreason.model.hf import load_weights, read_hf_config
 from tinyreason.prepare import prepare_data, tokenizer_config
 from tinyreason.tokenizers import model_vocab_size, token_byte_lengths
 from tinyreason.training.callbacks import MoEBiasUpdate, Throughput
@@ -37,9 +39,35 @@ LOGGERS = ("wandb", "csv", "none")
 def model_dict(cfg: DictConfig, vocab_size: int) -> dict:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("name", None)
+    init_from = model.pop("init_from", None)
     if "vocab_size" in model:
         raise ValueError("model.vocab_size is derived from the tokenizer; do not set it")
+    if init_from:
+        return hf_model_dict(init_from, model, vocab_size, cfg.data.seq_len)
     return {**model, "vocab_size": vocab_size, "max_seq_len": cfg.data.seq_len}
+
+
+def hf_export_drops_mtp(model: ModelConfig) -> bool:
+    """Llama / Qwen3 have no MTP layers: the end-of-run export of a GQA model leaves MTP out."""
+    return model.attention.kind == "gqa"
+
+
+def hf_model_dict(folder: str, group: dict, vocab_size: int, seq_len: int) -> dict:
+    """`model.init_from=<HF folder>`: the architecture of its config.json (the vocabulary grows if
+    the tokenizer gained our special tokens); training-only knobs (balance loss, bias update speed,
+    MTP loss weight) from the model group."""
+    model = read_hf_config(folder).to_dict()
+    for section, knobs in (
+        ("moe", ("balance_alpha", "bias_update_speed")),
+        ("mtp", ("loss_weight",)),
+    ):
+        if model[section] and group.get(section):
+            model[section].update({k: group[section][k] for k in knobs if k in group[section]})
+    if seq_len > model["max_seq_len"]:
+        raise ValueError(
+            f"data.seq_len={seq_len} > max_position_embeddings={model['max_seq_len']} of {folder}"
+        )
+    return {**model, "vocab_size": max(model["vocab_size"], vocab_size)}
 
 
 def optim_dict(cfg: DictConfig) -> dict:
@@ -56,7 +84,9 @@ def validate_config(cfg: DictConfig) -> None:
     """Build every typed config once so bad values fail before data is read or a step runs."""
     build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus))
     tokenizer_config(cfg)
-    ModelConfig.from_dict(model_dict(cfg, vocab_size=1024))
+    model = ModelConfig.from_dict(model_dict(cfg, vocab_size=1024))
+    if cfg.export.hf:  # fail now, not after training, if transformers has no class for the model
+        check_exportable(model, drop_mtp=hf_export_drops_mtp(model))
     OptimConfig(**optim_dict(cfg))
     PrecisionConfig(**precision_dict(cfg))
     if cfg.logger.name not in LOGGERS:
@@ -142,6 +172,10 @@ def _sweep_names() -> tuple[str | None, str | None]:
 
 
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    init_from = cfg.model.get("init_from")
+    if init_from:  # continue a Hugging Face model: its tokenizer comes from the same folder
+        with open_dict(cfg):
+            cfg.tokenizer = {"kind": "hf", "path": str(init_from)}
     validate_config(cfg)
     ckpt = resolve_ckpt(cfg)
     run_dir = Path(cfg.run_dir)
@@ -149,9 +183,13 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     L.seed_everything(cfg.seed, workers=True)
 
     data = prepare_data(cfg)
+    data.tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)  # what export and generate read
     vocab = model_vocab_size(data.tokenizer)
     module = LitCausalLM(model_dict(cfg, vocab), optim_dict(cfg), precision_dict(cfg))
-    module.token_bytes.copy_(token_byte_lengths(data.tokenizer, vocab))
+    module.token_bytes.copy_(token_byte_lengths(data.tokenizer, module.model_config.vocab_size))
+    if init_from and ckpt is None:  # a resumed run takes its weights from the checkpoint
+        module.configure_model()
+        load_weights(module.model, init_from)
     datamodule = PretrainDataModule(
         str(data.shard_root), cfg.data.seq_len, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
     )
@@ -185,6 +223,14 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     finally:
         _finish_wandb(trainer)
     seconds = time.perf_counter() - start
+    if cfg.export.hf and trainer.is_global_zero:  # the final weights, as last.ckpt holds them
+        export_model(
+            module.model,
+            data.tokenizer,
+            run_dir / "hf",
+            overwrite=True,
+            drop_mtp=hf_export_drops_mtp(module.model_config),
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["tokens"] = float(module.tokens_seen)
     metrics["fit_seconds"] = seconds
