@@ -1,5 +1,6 @@
-"""DeepSeekMoE: router invariants, group-limited routing, expert loop vs dense reference,
-sequence-wise balance loss, aux-loss-free bias update.
+"""DeepSeekMoE: router invariants, group-limited routing, grouped experts == per-expert loop ==
+dense reference, sequence-wise balance loss, balance modes, aux-loss-free bias update (also through
+Lightning with gradient accumulation), load statistics and the load heatmap.
 
 Router tests use hidden size = num experts and an identity router weight, so the input row *is*
 the router logits and each case can be written down directly.
@@ -7,13 +8,23 @@ the router logits and each case can be written down directly.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 
+import lightning as L
 import pytest
 import torch
 
-from tinyreason.model import MoEConfig, debug_config, init_weights
-from tinyreason.model.moe import MoE, Router, sequence_balance_loss
+from tinyreason.model import CausalLM, MoEConfig, debug_config, init_weights
+from tinyreason.model.moe import (
+    Experts,
+    MoE,
+    Router,
+    grouped_mm_supported,
+    load_stats,
+    sequence_balance_loss,
+)
+from tinyreason.training.callbacks import MoEBiasUpdate, heatmap_image, moe_layers
 
 E, K = 16, 4
 
@@ -88,22 +99,6 @@ def test_group_limited_routing_ranks_groups_by_top2_sum() -> None:
     assert max(len(set((row // 4).tolist())) for row in ids_TK) <= 2
 
 
-def test_expert_loop_matches_dense_masked_reference() -> None:
-    moe = _moe()
-    x_BSD = torch.randn(2, 12, 64)
-    out, _ = moe(x_BSD)
-    x_TD = x_BSD.reshape(-1, 64)
-    ids_TK, w_TK, _ = moe.gate(x_TD)
-    gates_TE = torch.zeros(x_TD.shape[0], E).scatter(1, ids_TK, w_TK)
-    ex = moe.experts
-    gate_TEF, up_TEF = torch.einsum("td,efd->tef", x_TD, ex.gate_up_proj).chunk(2, dim=-1)
-    y_TED = torch.einsum("tef,edf->ted", torch.nn.functional.silu(gate_TEF) * up_TEF, ex.down_proj)
-    ref_TD = (gates_TE[..., None] * y_TED).sum(1)
-    ref_TD = ref_TD + moe.shared_experts(x_TD)
-    torch.testing.assert_close(out.reshape(-1, 64), ref_TD, rtol=1e-5, atol=1e-6)
-    assert len(ids_TK.unique()) > 1  # the case exercises several experts
-
-
 def test_no_shared_experts() -> None:
     moe = _moe(num_shared_experts=0)
     assert moe.shared_experts is None
@@ -134,6 +129,26 @@ def test_balance_loss_is_alpha_when_uniform_and_grows_with_imbalance() -> None:
     assert sequence_balance_loss(both, K, 0.0).item() == 0.0
 
 
+def test_balance_modes_switch_loss_and_bias_update() -> None:
+    x = torch.randn(2, 8, 64)
+    assert _moe(balance="both", balance_alpha=0.01)(x)[1].item() > 0
+    assert _moe(balance="aux_loss", balance_alpha=0.01)(x)[1].item() > 0
+    assert _moe(balance="aux_free", balance_alpha=0.01)(x)[1].item() == 0.0
+    assert _moe(balance="none", balance_alpha=0.01)(x)[1].item() == 0.0
+    cfg = debug_config(kind="moe").moe
+    gamma = {
+        mode: dataclasses.replace(cfg, balance=mode, bias_update_until=0.9).bias_gamma(0.5)
+        for mode in ("both", "aux_free", "aux_loss", "none")
+    }
+    assert gamma == {"both": 1e-3, "aux_free": 1e-3, "aux_loss": 0.0, "none": 0.0}
+    late = dataclasses.replace(cfg, bias_update_until=0.9)
+    assert late.bias_gamma(0.89) == 1e-3 and late.bias_gamma(0.9) == 0.0  # schedule to 0
+    with pytest.raises(ValueError, match="balance must be one of"):
+        dataclasses.replace(cfg, balance="aux")
+    with pytest.raises(ValueError, match="bias_update_until"):
+        dataclasses.replace(cfg, bias_update_until=1.5)
+
+
 def test_balance_loss_is_computed_from_unbiased_scores_and_trains_router() -> None:
     moe = _moe(balance_alpha=0.01)
     x = torch.randn(2, 8, 64)
@@ -145,6 +160,92 @@ def test_balance_loss_is_computed_from_unbiased_scores_and_trains_router() -> No
     loss.backward()
     assert moe.gate.weight.grad.abs().sum() > 0
     assert _moe(balance_alpha=0.0)(x)[1].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# routed experts: grouped GEMMs == per-expert loop == dense reference
+
+
+def _experts_case(T: int, D: int, F_: int, ids_TK: torch.Tensor):
+    torch.manual_seed(0)
+    experts = Experts(E, D, F_)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.2)
+        experts.down_proj.normal_(0, 0.2)
+    x_TD = torch.randn(T, D, requires_grad=True)
+    w_TK = torch.rand(ids_TK.shape, requires_grad=True)
+    return experts, x_TD, w_TK
+
+
+@pytest.mark.parametrize(
+    ("T", "D", "F_", "routing", "grouped"),
+    [
+        (24, 64, 32, "random", True),
+        (7, 20, 12, "random", True),  # rows of 80 and 48 bytes: still 16-byte multiples
+        (9, 13, 6, "random", False),  # 52-byte rows: the loop fallback
+        (16, 64, 32, "few", True),  # 12 of 16 experts get no token
+        (1, 64, 32, "few", True),  # a single token
+    ],
+)
+def test_grouped_experts_equal_reference_loop(
+    T: int, D: int, F_: int, routing: str, grouped: bool
+) -> None:
+    g = torch.Generator().manual_seed(T)
+    if routing == "random":
+        ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    else:
+        ids_TK = torch.tensor([0, 5, 6, 15]).repeat(T, 1)
+    experts, x_TD, w_TK = _experts_case(T, D, F_, ids_TK)
+    assert grouped_mm_supported(x_TD, experts.gate_up_proj.transpose(-2, -1)) == grouped
+    params = (x_TD, w_TK, experts.gate_up_proj, experts.down_proj)
+    grad_TD = torch.randn(T, D)
+    outs, grads = [], []
+    for fn in (experts, experts.reference):
+        out = fn(x_TD, ids_TK, w_TK)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, params, grad_TD))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    for fast, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
+    unused = torch.ones(E, dtype=torch.bool)
+    unused[ids_TK.unique()] = False
+    assert (grads[0][2][unused] == 0).all() and (grads[0][3][unused] == 0).all()
+
+
+def test_grouped_experts_backward_from_expanded_grad_and_under_bf16() -> None:
+    ids_TK = torch.stack([torch.randperm(E)[:K] for _ in range(32)])
+    experts, x_TD, w_TK = _experts_case(32, 64, 32, ids_TK)
+    experts(x_TD, ids_TK, w_TK).sum().backward()  # expanded grad_output (spec §4.4)
+    grad = experts.gate_up_proj.grad.clone()
+    experts.gate_up_proj.grad = None
+    experts.reference(x_TD, ids_TK, w_TK).sum().backward()
+    torch.testing.assert_close(grad, experts.gate_up_proj.grad, rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the experts' GEMMs run in bf16
+        fast = experts(x_TD, ids_TK, w_TK)
+        ref = experts.reference(x_TD, ids_TK, w_TK)
+    assert fast.dtype == torch.float32  # combined in the activation dtype
+    torch.testing.assert_close(fast, ref, rtol=0.02, atol=0.02)
+
+
+def test_moe_matches_dense_masked_reference_and_routes_every_token_to_k_experts() -> None:
+    moe = _moe().train()
+    x_BSD = torch.randn(2, 12, 64)
+    out, _ = moe(x_BSD)
+    x_TD = x_BSD.reshape(-1, 64)
+    ids_TK, w_TK, _ = moe.gate(x_TD)
+    assert all(len(set(row.tolist())) == K for row in ids_TK)  # exactly K distinct per token
+    assert moe.tokens_per_expert.sum() == 24 * K  # the training forward counted K per token
+    gates_TE = torch.zeros(x_TD.shape[0], E).scatter(1, ids_TK, w_TK)
+    ex = moe.experts
+    gate_TEF, up_TEF = torch.einsum("td,efd->tef", x_TD, ex.gate_up_proj).chunk(2, dim=-1)
+    y_TED = torch.einsum("tef,edf->ted", torch.nn.functional.silu(gate_TEF) * up_TEF, ex.down_proj)
+    ref_TD = (gates_TE[..., None] * y_TED).sum(1) + moe.shared_experts(x_TD)
+    torch.testing.assert_close(out.reshape(-1, 64), ref_TD, rtol=1e-5, atol=1e-6)
+    assert len(ids_TK.unique()) > 1  # the case exercises several experts
+
+
+# ---------------------------------------------------------------------------------------------
+# aux-loss-free bias update
 
 
 def test_counts_only_in_training_and_update_bias_moves_toward_underloaded() -> None:
@@ -176,18 +277,116 @@ def test_counts_only_in_training_and_update_bias_moves_toward_underloaded() -> N
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
 
 
-def test_update_bias_balances_load_over_steps() -> None:
+def test_bias_update_drives_skewed_router_to_uniform_load() -> None:
     moe = _moe(num_groups=1, topk_groups=1).train()
     x = torch.randn(4, 16, 64)
+    max_vio = []
     with torch.no_grad():
-        moe.gate.e_score_correction_bias[:4] = 0.3  # start imbalanced
-        moe(x)
-        start = moe.tokens_per_expert.clone()
-        moe.update_bias(0.02)
-        for _ in range(100):
+        moe.gate.e_score_correction_bias[:4] = 1.0  # beats any sigmoid gap: experts 0-3 take all
+        for _ in range(60):
             moe(x)
-            moe.update_bias(0.02)
-    assert moe.last_load.float().std() < 0.5 * start.float().std()
+            moe.update_bias(0.05)
+            max_vio.append(load_stats(moe.last_load)["max_vio"])
+    assert max_vio[0] == pytest.approx(3.0)  # all 4 slots of every token on 4 of 16 experts
+    assert max(max_vio[-10:]) < 0.5 * max_vio[0]
+    assert sum(max_vio[-10:]) < sum(max_vio[:10]) / 3
+
+
+def test_load_stats() -> None:
+    stats = load_stats(torch.tensor([4, 4, 4, 4]))
+    assert stats == {"max_vio": 0.0, "cv": 0.0, "dead": 0.0}
+    stats = load_stats(torch.tensor([8, 4, 4, 0]))
+    assert stats["max_vio"] == pytest.approx(1.0)  # max 8 / mean 4 - 1
+    assert stats["cv"] == pytest.approx((8**0.5) / 4)  # std sqrt(8) / mean 4
+    assert stats["dead"] == 1
+
+
+class _TinyLM(L.LightningModule):
+    """The debug MoE model with lr 0: routing then changes only through the bias update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = CausalLM(debug_config(kind="moe"))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(batch[:, :-1], batch[:, 1:]).loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.model(batch[:, :-1], batch[:, 1:])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _CountsSpy(L.Callback):
+    """Before the bias update (earlier in the callback list): counts and biases at each batch end."""
+
+    def __init__(self) -> None:
+        self.counts, self.biases = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        layers = pl_module.model.moe_layers()
+        self.counts.append(torch.stack([m.tokens_per_expert.clone() for m in layers]))
+        self.biases.append(torch.stack([m.gate.e_score_correction_bias.clone() for m in layers]))
+
+
+def test_gradient_accumulation_updates_bias_once_per_step_with_summed_counts(tmp_path) -> None:
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (16, 17)), batch_size=2)
+    module, spy = _TinyLM(), _CountsSpy()
+    trainer = L.Trainer(
+        max_steps=2,
+        accumulate_grad_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[spy, MoEBiasUpdate(heatmap_every=1)],
+    )
+    trainer.fit(module, data)
+    layers = module.model.moe_layers()
+    # Per micro-batch and MoE layer: sequences x positions x experts per token (MTP: 15 positions).
+    per_micro_batch = torch.tensor([2 * 16 * K, 2 * 16 * K, 2 * 15 * K])
+    # Counts grow over the 4 micro-batches of a step, then restart: one update per step.
+    for i, counts_LE in enumerate(spy.counts):
+        assert torch.equal(counts_LE.sum(-1), (i % 4 + 1) * per_micro_batch)
+    # The spy sees the bias before the update of its own batch: step 1's update (after batch 3)
+    # shows at batch 4 and nowhere else; step 2's (after batch 7) is the final bias.
+    changed = [not torch.equal(spy.biases[i - 1], spy.biases[i]) for i in range(1, 8)]
+    assert changed == [False, False, False, True, False, False, False]
+    assert (spy.biases[0] == 0).all()
+    final = torch.stack([m.gate.e_score_correction_bias for m in layers])
+    gamma = module.model.config.moe.bias_update_speed
+    for before, after, counts_LE in (
+        (spy.biases[0], spy.biases[4], spy.counts[3]),  # counts summed over micro-batches 0-3
+        (spy.biases[4], final, spy.counts[7]),  # and 4-7
+    ):
+        load_LE = counts_LE.float()
+        expected = before + gamma * torch.sign(load_LE.mean(-1, keepdim=True) - load_LE)
+        torch.testing.assert_close(after, expected)
+    assert all(m.tokens_per_expert.sum() == 0 for m in layers)
+    # Evaluation forwards leave counts and bias alone.
+    bias = [m.gate.e_score_correction_bias.clone() for m in layers]
+    trainer.validate(module, data, verbose=False)
+    assert all(m.tokens_per_expert.sum() == 0 for m in layers)
+    assert all(
+        torch.equal(b, m.gate.e_score_correction_bias) for b, m in zip(bias, layers, strict=True)
+    )
+    # The load heatmap: one CSV row per MoE layer and step.
+    rows = list(csv.DictReader((tmp_path / "moe_load.csv").open()))
+    assert [(r["step"], r["layer"]) for r in rows] == [
+        (str(s), name) for s in (1, 2) for name in ("layer1", "layer2", "mtp0")
+    ]
+    assert sum(float(rows[0][f"expert_{e}"]) for e in range(E)) == pytest.approx(E, rel=1e-3)
+
+
+def test_moe_layer_names_and_heatmap_image() -> None:
+    names = list(moe_layers(CausalLM(debug_config(kind="moe"))))
+    assert names == ["layer1", "layer2", "mtp0"]
+    image = heatmap_image(torch.rand(3, E) * 2, names, "load")
+    assert image.size[0] > 200 and image.size[1] > 100
 
 
 def test_router_stays_fp32_under_bf16_autocast() -> None:
@@ -199,48 +398,3 @@ def test_router_stays_fp32_under_bf16_autocast() -> None:
     assert scores_TE.dtype == w_TK.dtype == torch.float32
     assert torch.equal(scores_TE, ref_scores) and torch.equal(ids_TK, ref_ids)
     torch.testing.assert_close(w_TK, ref_w)
-
-
-def _experts_case(T: int, D: int, F_: int, ids_TK: torch.Tensor, seed: int = 0):
-    from tinyreason.model.moe import Experts
-
-    torch.manual_seed(seed)
-    experts = Experts(E, D, F_)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.2)
-        experts.down_proj.normal_(0, 0.2)
-    x_TD = torch.randn(T, D, requires_grad=True)
-    w_TK = torch.rand(ids_TK.shape, requires_grad=True)
-    return experts, x_TD, w_TK
-
-
-@pytest.mark.parametrize(
-    ("T", "D", "F_", "routing"),
-    [
-        (24, 64, 32, "random"),  # grouped_mm path
-        (7, 20, 12, "random"),  # 20 fp32 = 80 bytes rows, 12*4 = 48: still aligned
-        (9, 13, 6, "random"),  # strides not multiples of 16 bytes: fallback loop
-        (16, 64, 32, "few"),  # 12 of 16 experts get no token
-        (1, 64, 32, "few"),  # a single token
-    ],
-)
-def test_grouped_experts_equal_reference_loop(T: int, D: int, F_: int, routing: str) -> None:
-    g = torch.Generator().manual_seed(T)
-    if routing == "random":
-        ids_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    else:
-        ids_TK = torch.tensor([0, 5, 6, 15]).repeat(T, 1)
-    experts, x_TD, w_TK = _experts_case(T, D, F_, ids_TK)
-    grad_TD = torch.randn(T, D)
-    outs, grads = [], []
-    for fn in (experts, experts.reference):
-        out = fn(x_TD, ids_TK, w_TK)
-        params = (x_TD, w_TK, experts.gate_up_proj, experts.down_proj)
-        outs.append(out)
-        grads.append(torch.autograd.grad(out, params, grad_TD))
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
-    for fast, ref in zip(*grads, strict=True):
-        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
-    unused = torch.ones(E, dtype=torch.bool)
-    unused[ids_TK.unique()] = False
-    assert (grads[0][2][unused] == 0).all() and (grads[0][3][unused] == 0).all()

@@ -58,7 +58,7 @@ def hf_model_dict(folder: str, group: dict, vocab_size: int, seq_len: int) -> di
     MTP loss weight) from the model group."""
     model = read_hf_config(folder).to_dict()
     for section, knobs in (
-        ("moe", ("balance_alpha", "bias_update_speed")),
+        ("moe", ("balance", "balance_alpha", "bias_update_speed", "bias_update_until")),
         ("mtp", ("loss_weight",)),
     ):
         if model[section] and group.get(section):

@@ -100,6 +100,9 @@ class GQAConfig:
         return self.head_dim if self.head_dim is not None else hidden_size // self.num_heads
 
 
+BALANCE_MODES = ("both", "aux_free", "aux_loss", "none")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """DeepSeekMoE with sigmoid, group-limited routing and aux-loss-free balancing (eqs. 12-20)."""
@@ -111,10 +114,27 @@ class MoEConfig:
     num_groups: int = 1  # [n_group]; 1 = no group-limited routing
     topk_groups: int = 1  # [topk_group]
     routed_scaling_factor: float = 2.5
-    balance_alpha: float = 1e-4  # sequence-wise balance loss weight alpha; 0 disables it
-    bias_update_speed: float = 1e-3  # gamma of the aux-loss-free bias update
+    # Load balancing: "aux_free" = bias update only, "aux_loss" = sequence-wise loss only,
+    # "both" = DeepSeek-V3 (bias update + a small loss), "none" = neither (load is still logged).
+    balance: str = "both"
+    balance_alpha: float = 1e-4  # alpha of the sequence-wise balance loss (aux_loss, both)
+    bias_update_speed: float = 1e-3  # gamma of the bias update (aux_free, both)
+    # Fraction of the optimizer steps after which gamma is 0 (DeepSeek-V3: 14.3T of 14.8T tokens).
+    bias_update_until: float = 1.0
+
+    @property
+    def loss_alpha(self) -> float:
+        """The balance loss weight in effect: alpha if the mode has the loss, else 0."""
+        return self.balance_alpha if self.balance in ("aux_loss", "both") else 0.0
+
+    def bias_gamma(self, progress: float) -> float:
+        """gamma in effect after `progress` (0..1) of training: 0 without the bias update."""
+        on = self.balance in ("aux_free", "both") and progress < self.bias_update_until
+        return self.bias_update_speed if on else 0.0
 
     def __post_init__(self) -> None:
+        if self.balance not in BALANCE_MODES:
+            _fail(self, "balance", f"must be one of {list(BALANCE_MODES)}, got {self.balance!r}")
         for name in (
             "num_experts",
             "num_experts_per_tok",
@@ -127,6 +147,9 @@ class MoEConfig:
         _check_float(self, "routed_scaling_factor", positive=True)
         _check_float(self, "balance_alpha", positive=False)
         _check_float(self, "bias_update_speed", positive=False)
+        _check_float(self, "bias_update_until", positive=False)
+        if self.bias_update_until > 1:
+            _fail(self, "bias_update_until", f"must be <= 1, got {self.bias_update_until}")
         e, k, g = self.num_experts, self.num_experts_per_tok, self.num_groups
         if k > e:
             _fail(self, "num_experts_per_tok", f"({k}) must be <= num_experts ({e})")

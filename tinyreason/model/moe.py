@@ -197,11 +197,8 @@ class MoE(nn.Module):
         super().__init__()
         moe = config.moe
         assert moe is not None
-        self.num_experts, self.top_k, self.balance_alpha = (
-            moe.num_experts,
-            moe.num_experts_per_tok,
-            moe.balance_alpha,
-        )
+        self.num_experts, self.top_k = moe.num_experts, moe.num_experts_per_tok
+        self.loss_alpha = moe.loss_alpha  # 0 unless model.moe.balance has the loss
         d = config.hidden_size
         self.gate = Router(d, moe)
         self.experts = Experts(moe.num_experts, d, moe.moe_intermediate_size)
@@ -228,7 +225,7 @@ class MoE(nn.Module):
         out_TD = self.experts(x_TD, ids_TK, w_TK)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        balance = sequence_balance_loss(scores_TE.view(B, S, -1), self.top_k, self.balance_alpha)
+        balance = sequence_balance_loss(scores_TE.view(B, S, -1), self.top_k, self.loss_alpha)
         return out_TD.view(B, S, D), balance
 
     @torch.no_grad()
@@ -241,3 +238,15 @@ class MoE(nn.Module):
             self.gate.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E)
         self.last_load.copy_(self.tokens_per_expert)
         self.tokens_per_expert.zero_()
+
+
+def load_stats(load_E: torch.Tensor) -> dict[str, float]:
+    """Balance of one layer's per-expert token counts: MaxVio = max load / mean load - 1 (Wang et
+    al. 2024, arXiv 2408.15664), coefficient of variation std / mean, and experts with no token."""
+    load_E = load_E.double()
+    mean = load_E.mean().clamp(min=1e-9)
+    return {
+        "max_vio": (load_E.max() / mean - 1).item(),
+        "cv": (load_E.std(unbiased=False) / mean).item(),
+        "dead": float((load_E == 0).sum().item()),
+    }
