@@ -15,7 +15,7 @@ from torchmetrics.text import Perplexity
 from tinyreason.model import CausalLM, ModelConfig
 from tinyreason.training.metrics import BitsPerByte
 from tinyreason.training.optim import OptimConfig, build_optimizer
-from tinyreason.training.precision import PrecisionConfig, convert_fp8
+from tinyreason.training.precision import PrecisionConfig, apply_precision
 
 
 class LitCausalLM(L.LightningModule):
@@ -37,8 +37,7 @@ class LitCausalLM(L.LightningModule):
         if self.model is not None:
             return
         self.model = CausalLM(self.model_config)
-        if self.precision_config.name == "fp8":
-            convert_fp8(self.model, self.precision_config)
+        apply_precision(self.model, self.precision_config)  # FP8 options convert the GEMMs
 
     @property
     def tokens_seen(self) -> int:
