@@ -13,7 +13,8 @@ from tinyreason.train import validate_config
     "override", [f"{g}={o}" for g in GROUPS for o in group_options(g)], ids=lambda s: s
 )
 def test_every_option_composes_and_validates(make_cfg, override):
-    cfg = make_cfg(override)
+    needs = {"tokenizer=hf": ["tokenizer.path=some-org/some-tokenizer"]}  # a mandatory value
+    cfg = make_cfg(override, *needs.get(override, []))
     group, option = override.split("=")
     chosen = {
         "model": cfg.model.name,

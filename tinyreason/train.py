@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tinyreason.data.datamodule import PretrainDataModule
+from tinyreason.data.shards import bytes_per_token, steps_for_bytes
 from tinyreason.data.sources import build_corpus
 from tinyreason.export import TOKENIZER_DIR, check_exportable, export_model
 from tinyreason.model import ModelConfig
@@ -82,7 +83,7 @@ def precision_dict(cfg: DictConfig) -> dict:
 
 def validate_config(cfg: DictConfig) -> None:
     """Build every typed config once so bad values fail before data is read or a step runs."""
-    build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus))
+    build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
     tokenizer_config(cfg)
     model = ModelConfig.from_dict(model_dict(cfg, vocab_size=1024))
     if cfg.export.hf:  # fail now, not after training, if transformers has no class for the model
@@ -119,6 +120,28 @@ def resolve_ckpt(cfg: DictConfig) -> Path | None:
     if not path.is_file():
         raise ValueError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}{hint}")
     return path
+
+
+def apply_byte_budget(cfg: DictConfig, manifest: dict) -> None:
+    """`budget.train_bytes`: set trainer.max_steps to read that much training text with this
+    run's tokenizer (bytes/token from the shard manifest), with `budget.num_evals` validations."""
+    budget = cfg.get("budget")
+    if budget is None or budget.train_bytes is None:
+        return
+    if budget.train_bytes <= 0 or budget.num_evals < 1:
+        raise ValueError(f"budget.train_bytes and budget.num_evals must be positive, got {budget}")
+    t = cfg.trainer
+    world = t.devices if isinstance(t.devices, int) else 1
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.accumulate_grad_batches * world
+    steps = steps_for_bytes(manifest, budget.train_bytes, tokens_per_step, budget.num_evals)
+    t.max_steps = steps
+    t.val_check_interval = steps * t.accumulate_grad_batches // budget.num_evals
+    log.info(
+        "budget of %s training bytes at %.3f bytes/token: %d steps",
+        f"{budget.train_bytes:,}",
+        bytes_per_token(manifest),
+        steps,
+    )
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -183,6 +206,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     L.seed_everything(cfg.seed, workers=True)
 
     data = prepare_data(cfg)
+    apply_byte_budget(cfg, data.manifest)
     data.tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)  # what export and generate read
     vocab = model_vocab_size(data.tokenizer)
     module = LitCausalLM(model_dict(cfg, vocab), optim_dict(cfg), precision_dict(cfg))
@@ -214,6 +238,12 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
         # stay usable when validation later runs inside `fit`
         inference_mode=False,
     )
+    data_stats = {  # what a vocabulary comparison reads beside val/bpb and perf/tokens_per_s
+        "data/bytes_per_token": bytes_per_token(data.manifest),
+        "data/vocab_size": float(len(data.tokenizer)),
+    }
+    for logger in trainer.loggers:
+        logger.log_metrics(data_stats, step=0)
     first = None
     if ckpt is None:  # step-0 validation: the reference point of every curve
         first = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/bpb"]
@@ -234,6 +264,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["tokens"] = float(module.tokens_seen)
     metrics["fit_seconds"] = seconds
+    metrics.update(data_stats)
     if first is not None:
         metrics["val/bpb_first"] = first
     log.info(

@@ -1,20 +1,25 @@
 """Tokenize a corpus once into litdata token chunks, cached by (corpus, tokenizer) fingerprint.
 
 Layout:  <data_dir>/<corpus fingerprint>/<tokenizer fingerprint>/
-             manifest.json            token counts, dtype, vocab size, both fingerprints
+             manifest.json            per split: documents, tokens, UTF-8 bytes and characters of
+                                      text (special tokens excluded); dtype, vocab size, both
+                                      fingerprints and the sha256 of the tokenizer.json used
              train/  validation/      litdata `optimize()` output (index.json + chunk-*.bin)
 
 Documents are concatenated (each already starts with bos and ends with eos) into one token stream
 per split; `StreamingDataset(item_loader=TokensLoader(block_size))` then serves fixed windows.
 A file lock lets parallel sweep jobs share the work: the first writes, the others wait and reuse.
+Shards whose manifest names another corpus, tokenizer or vocabulary than the run's are refused.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DOCS_PER_ITEM = 256  # documents tokenized per optimize() item
 _CHUNK_TOKENS = 1 << 18  # tokens per chunk file (0.5 MiB at uint16)
 
@@ -45,6 +50,20 @@ def _load_tokenizer(folder: str):
     from tinyreason.tokenizers import load
 
     return load(folder)
+
+
+def tokenizer_sha(tokenizer_dir: str | os.PathLike) -> str:
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def text_size(docs: Sequence[str], added_tokens: Sequence[str]) -> tuple[int, int]:
+    """(UTF-8 bytes, characters) of the documents' text without the added/special token strings:
+    the bytes the tokens' byte lengths add up to, i.e. the denominator of bits per byte."""
+    special = re.compile(
+        "|".join(re.escape(t) for t in sorted(added_tokens, key=len, reverse=True))
+    )
+    texts = [special.sub("", d) if added_tokens else d for d in docs]
+    return sum(len(t.encode("utf-8")) for t in texts), sum(len(t) for t in texts)
 
 
 def _encode(docs: Sequence[str], tokenizer_dir: str, dtype: torch.dtype):
@@ -65,9 +84,11 @@ def prepare(
     """Write the shards if absent and return the manifest. `documents(split)` gives the texts."""
     root = shard_dir(data_dir, corpus_fp, tokenizer_fp)
     root.parent.mkdir(parents=True, exist_ok=True)
+    sha = tokenizer_sha(tokenizer_dir)
     with FileLock(str(root) + ".lock"):
         if (root / MANIFEST).is_file():
-            return read_manifest(root, corpus_fp, tokenizer_fp, vocab_size)
+            return read_manifest(root, corpus_fp, tokenizer_fp, vocab_size, sha)
+        added = list(_load_tokenizer(str(tokenizer_dir)).get_added_vocab())
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         dtype = token_dtype(vocab_size)
@@ -90,14 +111,18 @@ def prepare(
                 verbose=False,
             )
             index = json.loads((out / "index.json").read_text())
+            num_bytes, num_chars = text_size(docs, added)
             splits[split] = {
                 "documents": len(docs),
                 "tokens": sum(c["dim"] for c in index["chunks"]),
+                "bytes": num_bytes,
+                "chars": num_chars,
             }
         manifest = {
             "format_version": FORMAT_VERSION,
             "corpus_fingerprint": corpus_fp,
             "tokenizer_fingerprint": tokenizer_fp,
+            "tokenizer_sha256": sha,
             "vocab_size": vocab_size,
             "dtype": str(dtype).removeprefix("torch."),
             "splits": splits,
@@ -107,8 +132,11 @@ def prepare(
         return manifest
 
 
-def read_manifest(root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int) -> dict:
-    """Load a shard manifest and refuse shards made from another corpus or tokenizer."""
+def read_manifest(
+    root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int, sha: str | None = None
+) -> dict:
+    """Load a shard manifest and refuse shards made from another corpus or tokenizer (by
+    fingerprint, vocabulary size and, when given, the sha256 of the tokenizer.json)."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -121,6 +149,8 @@ def read_manifest(root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int
         "tokenizer_fingerprint": tokenizer_fp,
         "vocab_size": vocab_size,
     }
+    if sha is not None:
+        expected["tokenizer_sha256"] = sha
     wrong = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
     if wrong:
         detail = ", ".join(
@@ -131,3 +161,17 @@ def read_manifest(root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int
         if not (root / split / "index.json").is_file():
             raise ValueError(f"shards at {root} lack the {split!r} split; delete {root}")
     return manifest
+
+
+def bytes_per_token(manifest: dict, split: str = "train") -> float:
+    """Mean UTF-8 bytes of text per token of a split (special tokens count as tokens)."""
+    stats = manifest["splits"][split]
+    return stats["bytes"] / stats["tokens"]
+
+
+def steps_for_bytes(manifest: dict, train_bytes: int, tokens_per_step: int, multiple: int) -> int:
+    """Optimizer steps that read about `train_bytes` of training text, rounded to a multiple of
+    `multiple` (at least one): a fixed budget of bytes gives fewer steps to a tokenizer that
+    packs more bytes into each token."""
+    steps = train_bytes / (bytes_per_token(manifest) * tokens_per_step)
+    return max(multiple, round(steps / multiple) * multiple)
