@@ -4,6 +4,7 @@ natively (no `trust_remote_code`), and back.
     MLA attention, dense or MoE FFNs   -> DeepseekV3ForCausalLM  (first_k_dense_replace = dense layers)
     GQA attention, dense FFNs           -> LlamaForCausalLM, or Qwen3ForCausalLM with QK-norm
     GQA + MoE, GQA + MTP                -> refused: no transformers class computes them
+                                           (export.py drop_mtp=true exports GQA without MTP)
 
 Our parameter names are HF's, so the weight map is mostly a `model.` prefix. The exceptions:
 
@@ -20,6 +21,7 @@ Our parameter names are HF's, so the weight map is mostly a `model.` prefix. The
 
 HF's DeepseekV3 has no MTP forward: it reports the MTP layers as unexpected keys and ignores them.
 Spec and pitfalls: ../shared/design/deepseek_v3.md §3, §7.
+Shape legend: E routed experts, I expert width (moe_intermediate_size), D hidden size.
 """
 
 from __future__ import annotations
@@ -108,22 +110,11 @@ def to_hf_config(config: ModelConfig, special_ids: Mapping[str, int | None] | No
         **dict(special_ids or {}),
     )
     a = config.attention
-    if model_type == "llama":
-        head_dim = a.resolved_head_dim(config.hidden_size)
-        return LlamaConfig(
+    if model_type in ("llama", "qwen3"):  # Qwen3 = Llama + QK-norm; both default to no biases
+        return (LlamaConfig if model_type == "llama" else Qwen3Config)(
             num_attention_heads=a.num_heads,
             num_key_value_heads=a.num_kv_heads,
-            head_dim=head_dim,
-            mlp_bias=False,
-            **common,
-        )
-    if model_type == "qwen3":
-        head_dim = a.resolved_head_dim(config.hidden_size)
-        return Qwen3Config(
-            num_attention_heads=a.num_heads,
-            num_key_value_heads=a.num_kv_heads,
-            head_dim=head_dim,
-            use_sliding_window=False,
+            head_dim=a.resolved_head_dim(config.hidden_size),
             **common,
         )
     moe = config.moe
