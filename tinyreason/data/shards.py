@@ -67,7 +67,7 @@ def text_size(docs: Sequence[str], added_tokens: Sequence[str]) -> tuple[int, in
 
 
 def _encode(docs: Sequence[str], tokenizer_dir: str, dtype: torch.dtype):
-    # Runs in litdata worker processes; the tokenizer is loaded once per worker.
+    # Runs inside optimize(); the tokenizer is loaded once per process.
     tokenizer = _load_tokenizer(tokenizer_dir)
     ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
     yield torch.tensor([t for doc in ids for t in doc], dtype=torch.int64).to(dtype)
@@ -106,7 +106,7 @@ def prepare(
                 output_dir=str(out),
                 chunk_size=_CHUNK_TOKENS,
                 item_loader=TokensLoader(),
-                num_workers=1,
+                num_workers=0,  # in this process: a spawned worker costs seconds of imports
                 reorder_files=False,
                 verbose=False,
             )

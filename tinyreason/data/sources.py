@@ -168,7 +168,7 @@ class TextFilesCorpus:
                 return _pack_lines(text, self.config.doc_chars)
             if fmt == ".jsonl":
                 rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
-                return [r[key] for r in rows if r.get(key)]
+                return [r[key] for r in rows if r[key]]
             import pyarrow.parquet as pq
 
             column = pq.read_table(io.BytesIO(data), columns=[key]).column(key).to_pylist()
