@@ -377,3 +377,21 @@ def test_config_round_trips_through_transformers(name):
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, routed_scaling_factor=1.5))
     cfg = dataclasses.replace(cfg, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True)
     assert from_hf_config(to_hf_config(cfg)) == cfg  # training-only knobs are at their defaults
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_moe", "llama", "qwen3"])
+def test_import_of_a_folder_written_by_transformers(tmp_path, name):
+    """What a released checkpoint looks like: transformers' own save_pretrained (its init, no MTP
+    weights although DeepseekV3Config says num_nextn_predict_layers=1)."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(to_hf_config(target_config(name))).eval()
+    with torch.no_grad():  # transformers initialises the router bias to 0: make it matter
+        for key, buffer in hf.named_buffers():
+            if key.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert ours.config.mtp.depth == 0
+    ids = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-5
