@@ -76,8 +76,17 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
         assert not isinstance(lit.model.lm_head, Float8Linear)
 
 
-def test_resume_continues_steps_and_data_position(make_cfg, tmp_path):
-    base = ("model=moe", "precision=fp32", "debug=fast", "logger=csv")
+@pytest.mark.parametrize(
+    "data",
+    [
+        (),  # 10 steps inside one epoch
+        # ~7 batches per epoch: the resumed half crosses into the second epoch (reshuffled)
+        ("data.corpus.num_train=60", "data.batch_size=16"),
+    ],
+    ids=["one_epoch", "across_epochs"],
+)
+def test_resume_continues_steps_and_data_position(make_cfg, tmp_path, data):
+    base = ("model=moe", "precision=fp32", "debug=fast", "logger=csv", *data)
     full = RecordWindows()
     train(make_cfg(*base, run_dir=tmp_path / "full"), callbacks=[full])
 
@@ -86,9 +95,10 @@ def test_resume_continues_steps_and_data_position(make_cfg, tmp_path):
     train(make_cfg(*base, "trainer.max_steps=5", run_dir=run), callbacks=[first])
     metrics = train(make_cfg(*base, "ckpt_path=last", run_dir=run), callbacks=[second])
 
-    assert len(first.seen) == len(second.seen) == 5 * 4
+    batch = 16 if data else 4
+    assert len(first.seen) == len(second.seen) == 5 * batch
     assert first.seen + second.seen == full.seen, "resume must neither repeat nor skip a window"
-    assert metrics["tokens"] == 10 * 4 * 64
+    assert metrics["tokens"] == 10 * batch * 64
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 10
 

@@ -13,6 +13,29 @@ import lightning as L
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
 
+class ResumableStreamingDataLoader(StreamingDataLoader):
+    """StreamingDataLoader that resumes across an epoch boundary correctly.
+
+    After `load_state_dict`, litdata 0.2.76 keeps `restore=True` until an epoch's iterator is
+    exhausted. Lightning ends an epoch after `len(loader)` batches without exhausting it, so the
+    next epoch would replay the restored tail (seen: resuming at batch 5 of 7 showed batches 5-6
+    twice). Once the restored epoch has yielded a batch, the next `iter()` is a fresh epoch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored_epoch_ran = False
+
+    def __iter__(self):
+        if self._restored_epoch_ran:
+            self.restore = False
+        self._restored_epoch_ran = False
+        resuming = self.restore
+        for batch in super().__iter__():
+            self._restored_epoch_ran = resuming
+            yield batch
+
+
 class PretrainDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -42,7 +65,7 @@ class PretrainDataModule(L.LightningDataModule):
         return len(self._dataset(split, shuffle=False))
 
     def train_dataloader(self) -> StreamingDataLoader:
-        return StreamingDataLoader(
+        return ResumableStreamingDataLoader(
             self._dataset("train", shuffle=True),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
