@@ -13,6 +13,7 @@ from tinyreason.training.fp8 import (
     GroupedFP8Matmul,
     TorchaoFloat8Linear,
     fake_quant,
+    round_to_e4m3,
     torchao_config,
 )
 
@@ -172,3 +173,25 @@ def test_grouped_fp8_is_close_to_the_plain_grouped_gemm():
         y = GroupedFP8Matmul.apply(x, w.transpose(-2, -1), offsets, block, torch.float32)
         rel = (y - exact).norm() / exact.norm()
         assert 0 < rel < 0.05
+
+
+def test_round_to_e4m3_equals_the_float8_cast_everywhere():
+    """Every E4M3 value, every midpoint between neighbours (ties to even) and the fp32 values
+    just either side of each midpoint, subnormals and signed zeros included."""
+    values = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    values = values[values.isfinite() & (values.abs() <= E4M3_MAX)].unique()
+    mids = (values[1:] + values[:-1]) / 2
+    y = torch.cat(
+        [
+            values,
+            mids,
+            torch.nextafter(mids, torch.tensor(-1e9)),
+            torch.nextafter(mids, torch.tensor(1e9)),
+            torch.tensor([-0.0, 1e-30, -1e-40, E4M3_MAX, -E4M3_MAX]),
+            torch.randn(100_000) * torch.logspace(-12, 2.6, 100_000),
+        ]
+    ).clamp(-E4M3_MAX, E4M3_MAX)
+    expected = y.to(E4M3).float()
+    got = round_to_e4m3(y)
+    assert torch.equal(got, expected)
+    assert torch.equal(got.signbit(), expected.signbit())

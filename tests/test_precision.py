@@ -130,12 +130,12 @@ def test_fp8_gradients_are_close_to_bf16(name, recipe):
 
 
 @pytest.mark.slow
-def test_fp8_checkpoint_holds_plain_tensors_resumes_and_loads_as_a_plain_model(make_cfg, tmp_path):
+def test_fp8_checkpoint_holds_plain_tensors_resumes_and_exports(make_cfg, tmp_path):
     from tinyreason.train import train
 
     base = ("model=moe", "precision=fp8_blockwise", "optim.moment_dtype=bf16", "debug=fast")
     run = tmp_path / "run"
-    train(make_cfg(*base, "logger=csv", "trainer.max_steps=5", run_dir=run))
+    train(make_cfg(*base, "logger=csv", "trainer.max_steps=5", "export.hf=false", run_dir=run))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values()), "no subclasses"
     moments = [s["exp_avg"].dtype for s in ckpt["optimizer_states"][0]["state"].values()]
@@ -146,13 +146,13 @@ def test_fp8_checkpoint_holds_plain_tensors_resumes_and_loads_as_a_plain_model(m
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 10
 
-    # The weights are those of a plain model: same keys, fp32, and a plain model loads them
-    # strictly (what the exporter does).
-    from tinyreason.model import ModelConfig
+    # Export: the end-of-run folder (written from the live FP8 model) and one exported from the
+    # checkpoint both hold the checkpoint's weights, and import back as a plain model.
+    from tinyreason.export import export
+    from tinyreason.model.hf import load_pretrained
 
-    plain = CausalLM(ModelConfig.from_dict(ckpt["hyper_parameters"]["model"]))
-    weights = {
-        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
-    }
-    plain.load_state_dict(weights, strict=True)
+    weights = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    for folder in (run / "hf", export(run, tmp_path / "exported")):
+        state = load_pretrained(folder).state_dict()
+        assert all(torch.equal(state[k], weights[k]) for k in state), folder
