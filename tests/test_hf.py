@@ -302,6 +302,10 @@ def test_unsupported_combinations_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"GQA attention \+ MTP .*drop_mtp=true"):
         save_pretrained(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+    save_pretrained(CausalLM(target_config("llama")), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"GQA attention \+ MTP"):
+        save_pretrained(model, tmp_path / "c", overwrite=True)
+    assert (tmp_path / "c" / "model.safetensors").is_file()  # a refused export touches nothing
     export_model(model, None, tmp_path / "b", drop_mtp=True)
     hf, info = load_hf(tmp_path / "b")
     assert type(hf).__name__ == "Qwen3ForCausalLM" and not info["unexpected_keys"]

@@ -417,21 +417,21 @@ def save_pretrained(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"out={str(out)!r} is not empty; pass overwrite=true to replace its export"
-            )
-        for stale in [*out.glob("model*.safetensors"), out / WEIGHTS_INDEX_NAME]:
-            stale.unlink(missing_ok=True)  # a smaller export would leave old shards behind
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not overwrite:
+        raise ValueError(
+            f"out={str(out)!r} is not empty; pass overwrite=true to replace its export"
+        )
     special = _special_ids(tokenizer)
-    hf_config = to_hf_config(model.config, special)
+    hf_config = to_hf_config(model.config, special)  # refuses what transformers cannot load
     hf_config.dtype = dtype
-    tensors = to_hf_state_dict(model)
     tensors = {
         k: v.to(dtype) if v.is_floating_point() and ".mlp.gate." not in k else v
-        for k, v in tensors.items()
+        for k, v in to_hf_state_dict(model).items()
     }
+    if replace:  # a smaller export would leave old shards behind
+        for stale in [*out.glob("model*.safetensors"), out / WEIGHTS_INDEX_NAME]:
+            stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out)
     GenerationConfig(**{k: v for k, v in special.items() if v is not None}).save_pretrained(out)
