@@ -124,7 +124,7 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_model(Path(cfg.ckpt), cfg.tokenizer)
     if cfg.device != "cpu":
         model = model.to(cfg.device)
-    ids = prompt_ids(tokenizer, cfg.prompt, cfg.chat, cfg.system)
+    ids = prompt_ids(tokenizer, str(cfg.prompt), cfg.chat, cfg.system)
     new = generate(
         model,
         ids,
