@@ -399,3 +399,15 @@ def test_import_of_a_folder_written_by_transformers(tmp_path, name):
     ids = torch.randint(0, V, (2, 24))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-5
+
+
+def test_import_grows_the_vocabulary_for_appended_special_tokens(exported):
+    """A vendor tokenizer that gained our special tokens needs more embedding / head rows."""
+    model, folder = exported("llama")
+    bigger = CausalLM(dataclasses.replace(model.config, vocab_size=V + 64))
+    init = bigger.embed_tokens.weight.detach().clone()
+    tensors = from_hf_state_dict(load_file(folder / "model.safetensors"), bigger)
+    for key in ("embed_tokens.weight", "lm_head.weight"):
+        assert tensors[key].shape == (V + 64, 64)
+        assert torch.equal(tensors[key][:V], model.state_dict()[key])
+    assert torch.equal(tensors["embed_tokens.weight"][V:], init[V:])  # new rows keep their init
