@@ -49,7 +49,7 @@ def test_text_files_read_every_format_and_split_disjointly(text_dir):
     everything = "\n".join(train + val)
     assert "\r" not in everything and EN[299] in everything and ZH[299] in everything
     assert sum(t in set(train + val) for t in ZH) == 300  # one jsonl record = one document
-    assert {language_of(t) for t in train} == {"en", "zh"}
+    assert {language_of(t) for t in train[:20]} == {"en", "zh"}, "files interleaved by hash order"
     docs = corpus.documents("validation")
     assert all(d.startswith(tk.BOS) and d.endswith(tk.EOS) for d in docs)
 

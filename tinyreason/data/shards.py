@@ -4,7 +4,8 @@ Layout:  <data_dir>/<corpus fingerprint>/<tokenizer fingerprint>/
              manifest.json            per split: documents, tokens, UTF-8 bytes and characters of
                                       text (special tokens excluded); dtype, vocab size, both
                                       fingerprints and the sha256 of the tokenizer.json used
-             train/  validation/      litdata `optimize()` output (index.json + chunk-*.bin)
+             train/  validation/      litdata token chunks (index.json + chunk-*.bin), as
+                                      `litdata.optimize()` writes them
 
 Documents are concatenated (each already starts with bos and ends with eos) into one token stream
 per split; `StreamingDataset(item_loader=TokensLoader(block_size))` then serves fixed windows.
@@ -26,14 +27,15 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from litdata import TokensLoader, optimize
+from litdata import TokensLoader
+from litdata.streaming.writer import BinaryWriter
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
-_DOCS_PER_ITEM = 256  # documents tokenized per optimize() item
+_DOCS_PER_ITEM = 256  # documents tokenized per item (one batch call of the tokenizer)
 _CHUNK_TOKENS = 1 << 18  # tokens per chunk file (0.5 MiB at uint16)
 
 
@@ -66,11 +68,22 @@ def text_size(docs: Sequence[str], added_tokens: Sequence[str]) -> tuple[int, in
     return sum(len(t.encode("utf-8")) for t in texts), sum(len(t) for t in texts)
 
 
-def _encode(docs: Sequence[str], tokenizer_dir: str, dtype: torch.dtype):
-    # Runs inside optimize(); the tokenizer is loaded once per process.
+def _write_tokens(out: Path, docs: Sequence[str], tokenizer_dir: str, dtype: torch.dtype) -> int:
+    """Tokenize documents into litdata token chunks at `out`; returns the number of tokens.
+
+    litdata's `BinaryWriter` in this process writes exactly what `optimize()` writes, without
+    `optimize()`'s spawned worker (seconds of imports per split)."""
     tokenizer = _load_tokenizer(tokenizer_dir)
-    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
-    yield torch.tensor([t for doc in ids for t in doc], dtype=torch.int64).to(dtype)
+    writer = BinaryWriter(str(out), chunk_size=_CHUNK_TOKENS, item_loader=TokensLoader())
+    num_tokens = 0
+    for index, start in enumerate(range(0, len(docs), _DOCS_PER_ITEM)):
+        ids = tokenizer(list(docs[start : start + _DOCS_PER_ITEM]), add_special_tokens=False)
+        flat = torch.tensor([t for doc in ids["input_ids"] for t in doc], dtype=torch.int64)
+        writer.add_item(index, flat.to(dtype))
+        num_tokens += len(flat)
+    writer.done()
+    writer.merge()
+    return num_tokens
 
 
 def prepare(
@@ -97,24 +110,13 @@ def prepare(
             docs = documents(split)
             if not docs:
                 raise ValueError(f"the corpus has no documents in split {split!r}")
-            batches = [docs[i : i + _DOCS_PER_ITEM] for i in range(0, len(docs), _DOCS_PER_ITEM)]
             out = tmp / split
             log.info("tokenizing %d %s documents -> %s", len(docs), split, out)
-            optimize(
-                fn=functools.partial(_encode, tokenizer_dir=str(tokenizer_dir), dtype=dtype),
-                inputs=batches,
-                output_dir=str(out),
-                chunk_size=_CHUNK_TOKENS,
-                item_loader=TokensLoader(),
-                num_workers=0,  # in this process: a spawned worker costs seconds of imports
-                reorder_files=False,
-                verbose=False,
-            )
-            index = json.loads((out / "index.json").read_text())
+            num_tokens = _write_tokens(out, docs, str(tokenizer_dir), dtype)
             num_bytes, num_chars = text_size(docs, added)
             splits[split] = {
                 "documents": len(docs),
-                "tokens": sum(c["dim"] for c in index["chunks"]),
+                "tokens": num_tokens,
                 "bytes": num_bytes,
                 "chars": num_chars,
             }

@@ -26,6 +26,7 @@ NAMES = ("reasoning", "text_files")
 SPLITS = ("train", "validation")
 FORMATS = (".txt", ".jsonl", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")
+_TEXT_FILES_VERSION = 2  # bump when reading or splitting changes what a fingerprint stands for
 
 
 def dataclass_from_dict(cls, values: dict, where: str):
@@ -142,21 +143,25 @@ class TextFilesCorpus:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
+        fields = {**dataclasses.asdict(self.config), "version": _TEXT_FILES_VERSION}
+        h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
         for path in self._files():
             h.update(hashlib.sha256(path.read_bytes()).digest())
         return f"text-{h.hexdigest()[:16]}"
 
     @functools.cached_property
     def _split_texts(self) -> dict[str, list[str]]:
-        splits = {s: [] for s in SPLITS}
+        """Documents by split, each split in the order of the documents' hashes: files are
+        interleaved, so every stretch of the shards (and every short run) mixes all sources."""
+        keyed = {s: [] for s in SPLITS}
         threshold = int(self.config.val_fraction * 10_000)
         for path in self._files():
             fmt, comp = _format(str(path))
             for text in self._read(path, fmt, comp):
-                bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 10_000
-                splits["validation" if bucket < threshold else "train"].append(text)
-        return splits
+                key = hashlib.sha256(text.encode()).hexdigest()
+                split = "validation" if int(key[:8], 16) % 10_000 < threshold else "train"
+                keyed[split].append((key, text))
+        return {s: [text for _, text in sorted(pairs)] for s, pairs in keyed.items()}
 
     def _read(self, path: Path, fmt: str, comp: str) -> list[str]:
         data = _read_bytes(path, comp)

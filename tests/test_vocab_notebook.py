@@ -1,0 +1,66 @@
+"""`notebooks/vocab_scaling.ipynb` rebuilds the sweep table and plot from a real (tiny) two-point
+`experiment=vocab_scaling` multirun: CSV logs and W&B offline run files."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_notebook_rebuilds_table_and_plot_from_a_tiny_sweep(cache_dir, tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyreason.train",
+            "-m",
+            "experiment=vocab_scaling",
+            "debug=fast",
+            "vocab=bpe_1k,cl100k",
+            "budget.train_bytes=6000",
+            "data.seq_len=32",
+            "trainer.limit_val_batches=4",
+            f"hydra.sweep.dir={sweep}",
+            f"cache_dir={cache_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("VOCAB_SWEEPS", str(sweep))
+    monkeypatch.setenv("VOCAB_OUT", str(out))
+    notebook = nbformat.read(ROOT / "notebooks" / "vocab_scaling.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+
+    with open(out / "results.csv") as f:
+        rows = {r["vocab"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["bpe_1k", "cl100k"]
+    assert rows["cl100k"]["vocab_size"] == "100264"
+    for vocab, row in rows.items():
+        assert row["sources"] == "csv+wandb", "both logs read (and their final val/bpb agree)"
+        with open(ROOT / row["run"] / "csv" / "metrics.csv") as f:  # run: absolute or from ROOT
+            logged = [float(r["val/bpb"]) for r in csv.DictReader(f) if r.get("val/bpb")]
+        assert float(row["bpb_final"]) == pytest.approx(logged[-1]), vocab
+        # a fixed budget of bytes: each run read about budget.train_bytes of text
+        assert 3000 < int(row["train_bytes"]) < 12000, vocab
+    assert int(rows["cl100k"]["steps"]) < int(rows["bpe_1k"]["steps"]), (
+        "more bytes/token, fewer steps"
+    )
+    assert (out / "vocab_scaling.png").stat().st_size > 10_000
+    assert "| reasoning | bpe_1k | 1,024 |" in (out / "results.md").read_text()
