@@ -170,8 +170,8 @@ def _experts_case(T: int, D: int, F_: int, ids_TK: torch.Tensor):
     torch.manual_seed(0)
     experts = Experts(E, D, F_)
     with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.2)
-        experts.down_proj.normal_(0, 0.2)
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
     x_TD = torch.randn(T, D, requires_grad=True)
     w_TK = torch.rand(ids_TK.shape, requires_grad=True)
     return experts, x_TD, w_TK

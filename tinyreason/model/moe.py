@@ -155,25 +155,27 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) -> [T, D] in x's dtype."""
+        """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) -> [T, D] in x's dtype.
+
+        The GEMMs run in autocast's dtype when it is on. The gate weight scales the [M, F] hidden
+        state before the down projection (linear, so the same sum, on fewer numbers than the
+        [M, D] output), and the K slots of a token are summed in fp32.
+        """
         T, K = ids_TK.shape
         ids_M = ids_TK.flatten()
         order_M = ids_M.argsort(stable=True)  # slot t*K + k, grouped by expert
-        counts_E = torch.bincount(ids_M, minlength=self.num_experts)
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
-        dtype = _compute_dtype(x_TD)
+        offsets_E = torch.bincount(ids_M, minlength=self.num_experts).cumsum(0).to(torch.int32)
         tokens_M = order_M // K
-        x_MD = x_TD[tokens_M].to(dtype)
+        dtype = _compute_dtype(x_TD)
+        x_MD = x_TD.to(dtype)[tokens_M]  # cast the T rows, then gather the M = T*K
         gate_up_M2F = self.grouped_mm(
             x_MD, self.gate_up_proj.to(dtype).transpose(-2, -1), offsets_E
         )
         gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)
-        y_MD = self.grouped_mm(
-            F.silu(gate_MF) * up_MF, self.down_proj.to(dtype).transpose(-2, -1), offsets_E
-        )
-        y_MD = y_MD * w_TK.flatten()[order_M, None]  # gate weights are fp32: combine in fp32
-        out_TD = torch.zeros(T, x_TD.shape[1], dtype=y_MD.dtype, device=x_TD.device)
-        return out_TD.index_add_(0, tokens_M, y_MD).to(x_TD.dtype)
+        h_MF = F.silu(gate_MF) * up_MF * w_TK.flatten()[order_M, None].to(dtype)
+        y_MD = self.grouped_mm(h_MF, self.down_proj.to(dtype).transpose(-2, -1), offsets_E)
+        out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+        return out_TD.index_add_(0, tokens_M, y_MD.float()).to(x_TD.dtype)
 
     def reference(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
