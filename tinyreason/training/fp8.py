@@ -152,13 +152,15 @@ class BlockwiseFP8Linear(nn.Linear):
 
 
 def _blockwise_kernel(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """torchao's blockwise FP8 GEMMs (sm90). Its wgrad tiles the tokens by 128, so M is padded
-    with zero rows (no effect on any amax or product) and the output sliced back."""
+    """torchao's blockwise FP8 GEMMs (sm90): cuBLAS `F.scaled_mm`, or its Triton GEMMs on a
+    torch without it. Its wgrad tiles the tokens by 128, so M is padded with zero rows (no effect
+    on any amax or product) and the output sliced back."""
     from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
 
     M = x_MK.shape[0]
     x_MK = F.pad(x_MK.to(torch.bfloat16), (0, 0, 0, -M % BLOCK)).contiguous()
-    return fp8_blockwise_mm.apply(x_MK, w_NK, BLOCK, torch.bfloat16, False)[:M]
+    use_triton = not hasattr(F, "scaled_mm")
+    return fp8_blockwise_mm.apply(x_MK, w_NK, BLOCK, torch.bfloat16, use_triton)[:M]
 
 
 class TorchaoFloat8Linear(Float8Linear):

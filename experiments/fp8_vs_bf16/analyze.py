@@ -1,0 +1,96 @@
+"""Validation curves and final val/bpb of the fp8_vs_bf16 sweep -> val_bpb.png, val_bpb.csv, results.csv.
+
+    python experiments/fp8_vs_bf16/analyze.py [sweep folder ...]    (default multirun/fp8_vs_bf16)
+
+Reads every job's csv/metrics.csv under the folders, named by its `variant` override. Relative
+differences are (variant - bf16) / bf16 of the final val/bpb.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def load(sweeps: list[Path]) -> dict[str, pd.DataFrame]:
+    """{variant: metrics.csv} of every job under the sweep folders (variant from the job's
+    overrides)."""
+    curves = {}
+    for sweep in sweeps:
+        for overrides in sorted(sweep.glob("**/.hydra/overrides.yaml")):
+            job = overrides.parent.parent
+            values = dict(o.split("=", 1) for o in yaml.safe_load(overrides.read_text()))
+            if (job / "csv" / "metrics.csv").is_file() and "variant" in values:
+                curves[values["variant"]] = pd.read_csv(job / "csv" / "metrics.csv")
+    order = ["bf16", "bf16_seed1", "tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
+    return dict(sorted(curves.items(), key=lambda kv: (order + [kv[0]]).index(kv[0])))
+
+
+def summarize(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    rows = []
+    for variant, d in curves.items():
+        val = d.dropna(subset=["val/bpb"])
+        rows.append(
+            {
+                "variant": variant,
+                "steps": int(d["step"].max()),
+                "final_val_bpb": val["val/bpb"].iloc[-1],
+                "min_val_bpb": val["val/bpb"].min(),
+                "final_train_ce": d["train/ce"].dropna().tail(10).mean(),
+            }
+        )
+    table = pd.DataFrame(rows).set_index("variant")
+    base = table.loc["bf16", "final_val_bpb"]
+    table["rel_diff_vs_bf16"] = (table["final_val_bpb"] - base) / base
+    return table
+
+
+def plot(curves: dict[str, pd.DataFrame], table: pd.DataFrame, out: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    base = curves["bf16"].dropna(subset=["val/bpb"]).set_index("tokens")["val/bpb"]
+    for variant, d in curves.items():
+        val = d.dropna(subset=["val/bpb"]).set_index("tokens")["val/bpb"]
+        style = "--" if variant.startswith("bf16") else "-"
+        left.plot(val.index / 1e6, val.values, style, marker=".", label=variant)
+        rel = (val - base.reindex(val.index)) / base.reindex(val.index) * 100
+        right.plot(rel.index[1:] / 1e6, rel.values[1:], style, marker=".", label=variant)
+    left.set(
+        xlabel="tokens seen (M)", ylabel="val/bpb", yscale="log", title="validation bits per byte"
+    )
+    right.axhspan(-0.5, 0.5, color="green", alpha=0.1, label="target: within 0.5%")
+    right.axhline(0, color="black", lw=0.5)
+    right.set(
+        xlabel="tokens seen (M)",
+        ylabel="(val/bpb - bf16) / bf16  [%]",
+        title="relative to bf16 (seed 0)",
+    )
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    curves = load([Path(p) for p in sys.argv[1:]] or [Path("multirun/fp8_vs_bf16")])
+    table = summarize(curves)
+    table.to_csv(HERE / "results.csv", float_format="%.5f")
+    val = {
+        v: d.dropna(subset=["val/bpb"]).set_index("tokens")["val/bpb"] for v, d in curves.items()
+    }
+    pd.DataFrame(val).to_csv(HERE / "val_bpb.csv", float_format="%.5f")
+    plot(curves, table, HERE / "val_bpb.png")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()
