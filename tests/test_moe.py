@@ -398,3 +398,28 @@ def test_router_stays_fp32_under_bf16_autocast() -> None:
     assert scores_TE.dtype == w_TK.dtype == torch.float32
     assert torch.equal(scores_TE, ref_scores) and torch.equal(ids_TK, ref_ids)
     torch.testing.assert_close(w_TK, ref_w)
+
+
+def test_bench_moe_smoke() -> None:
+    """`python -m tinyreason.bench moe` on a tiny config: every row measured, same logits."""
+    from tinyreason.bench import bench_moe, report
+
+    tiny = [
+        "data.batch_size=1",
+        "data.seq_len=16",
+        "model.num_layers=2",
+        "tokenizer.vocab_size=512",
+    ]
+    rows = bench_moe(tiny, steps=1, repeats=1, with_loop=False)
+    assert [(r["dtype"], r["what"], r["model"].split(" ")[0]) for r in rows] == [
+        (dtype, what, who)
+        for dtype in ("fp32", "bf16")
+        for what, who in (
+            ("training step", "ours"),
+            ("training step", "transformers"),
+            ("MoE layer fwd+bwd", "ours:"),
+            ("MoE layer fwd+bwd", "transformers:"),
+        )
+    ]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert "ours bf16 / ours fp32" in report(rows)
