@@ -86,3 +86,15 @@ def test_model_vocab_is_never_typed(make_cfg):
         cfg.model.vocab_size = 1000
     with pytest.raises(ValueError, match="vocab_size"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_point_of_every_experiment_sweep_validates(make_cfg, experiment):
+    from conftest import CONF
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    assert params, f"experiment {experiment} sweeps nothing"
+    for key, values in params.items():
+        for value in str(values).split(","):
+            validate_config(make_cfg(f"experiment={experiment}", f"{key}={value}"))
