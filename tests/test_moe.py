@@ -400,17 +400,11 @@ def test_router_stays_fp32_under_bf16_autocast() -> None:
     torch.testing.assert_close(w_TK, ref_w)
 
 
-def test_bench_moe_smoke() -> None:
-    """`python -m tinyreason.bench moe` on a tiny config: every row measured, same logits."""
+def test_bench_moe_smoke(cache_dir) -> None:
+    """`python -m tinyreason.bench moe` on the debug size: every row measured."""
     from tinyreason.bench import bench_moe, report
 
-    tiny = [
-        "data.batch_size=1",
-        "data.seq_len=16",
-        "model.num_layers=2",
-        "tokenizer.vocab_size=512",
-    ]
-    rows = bench_moe(tiny, steps=1, repeats=1, with_loop=False)
+    rows = bench_moe(["debug=fast", "data.batch_size=1"], 1, 1, hf_experts="grouped_mm")
     assert [(r["dtype"], r["what"], r["model"].split(" ")[0]) for r in rows] == [
         (dtype, what, who)
         for dtype in ("fp32", "bf16")

@@ -37,15 +37,23 @@ HF_EXPERTS = ("grouped_mm", "batched_mm", "eager")
 
 
 def bench_config(overrides: list[str]) -> tuple[ModelConfig, int, int]:
-    """The composed training config's model (MTP off), batch size and sequence length."""
+    """The composed training config's model (MTP off; the vocabulary of its tokenizer, trained
+    and cached as by `tinyreason.prepare` if needed), batch size and sequence length."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
+    from tinyreason import tokenizers
+    from tinyreason.data.sources import build_corpus
+    from tinyreason.prepare import tokenizer_config
     from tinyreason.train import model_dict
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    vocab = -(-cfg.tokenizer.vocab_size // 64) * 64  # the tokenizer's upper bound, padded
-    model = ModelConfig.from_dict(model_dict(cfg, vocab))
+    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
+    tokenizer, _ = tokenizers.load_or_train(
+        tokenizer_config(cfg), cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
+    )
+    model = ModelConfig.from_dict(model_dict(cfg, tokenizers.model_vocab_size(tokenizer)))
     return dataclasses.replace(model, mtp=MTPConfig(depth=0)), cfg.data.batch_size, cfg.data.seq_len
 
 
@@ -105,7 +113,7 @@ class Run:
         return tokens / (time.perf_counter() - start)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` (median of `reps`)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
@@ -131,7 +139,15 @@ def fastest_hf_experts(theirs: nn.Module, bf16: bool, hidden: list) -> tuple[str
     return best, speeds
 
 
-def bench_moe(overrides: list[str], steps: int, repeats: int, with_loop: bool) -> list[dict]:
+def bench_moe(
+    overrides: list[str],
+    steps: int,
+    repeats: int,
+    with_loop: bool = False,
+    hf_experts: str | None = None,
+) -> list[dict]:
+    """Rows of `report`; `hf_experts` fixes transformers' experts implementation (else the
+    fastest here)."""
     config, batch_size, seq_len = bench_config(["model=moe", *overrides])
     ours, theirs = build_models(config)
     gen = torch.Generator().manual_seed(0)
@@ -154,9 +170,15 @@ def bench_moe(overrides: list[str], steps: int, repeats: int, with_loop: bool) -
     flops = ours.flops_per_token(seq_len)
     rows = []
     for dtype_name, bf16 in (("fp32", False), ("bf16", True)):
-        impl, speeds = fastest_hf_experts(theirs, bf16, hidden)
-        tried = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
-        print(f"{dtype_name}: transformers experts implementations, MoE layer tokens/s: {tried}")
+        if hf_experts is None:
+            impl, speeds = fastest_hf_experts(theirs, bf16, hidden)
+            tried = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
+            print(
+                f"{dtype_name}: transformers experts implementations, MoE layer tokens/s: {tried}"
+            )
+        else:
+            impl = hf_experts
+            theirs.set_experts_implementation(impl)
         runs = [
             Run("ours", ours, bf16, True, batches),
             Run(f"transformers ({impl})", theirs, bf16, False, batches),
@@ -234,11 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration")
     parser.add_argument("--with-loop", action="store_true", help="also time the reference loop")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--hf-experts", choices=HF_EXPERTS, default=None, help="default: the fastest here"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    rows = bench_moe(args.overrides, args.steps, args.repeats, args.with_loop)
+    rows = bench_moe(args.overrides, args.steps, args.repeats, args.with_loop, args.hf_experts)
     print(report(rows))
     for r in rows:
         print(
