@@ -228,3 +228,18 @@ def test_hub_id_without_network_says_how_to_pass_a_folder(monkeypatch):
     monkeypatch.setattr(tk, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match=r"tokenizer.path=<folder>"):
         tk.from_hf("some-org/not-cached-here")
+
+
+def test_compare_report_covers_every_option(built, make_cfg):
+    rows = tk.compare(make_cfg("debug=fast"), [400])
+    names = [r["option"] for r in rows]
+    assert names == ["bpe 400", "deepseek_v4", "qwen qwen2.5", "qwen qwen3.6", "cl100k"]
+    by_name = {r["option"]: r for r in rows}
+    assert by_name["qwen qwen3.6"]["vocab"] == 248052
+    for row in rows:
+        for lang in ("en", "zh"):  # both languages of the validation split are measured
+            assert row[f"{lang}_bytes_per_token"] >= row[f"{lang}_chars_per_token"] > 0.5
+    # a 100k vocabulary packs more English into a token than a 400-token BPE
+    assert by_name["cl100k"]["en_bytes_per_token"] > by_name["bpe 400"]["en_bytes_per_token"]
+    table = tk.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| cl100k | 100,264 |" in table
