@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tinyreason.model.moe import MoE, load_stats
 
@@ -94,7 +95,13 @@ class MoEBiasUpdate(L.Callback):
 
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if wandb_loggers:
-            image = heatmap_image(rel_LE, names, f"expert load / mean, step {trainer.global_step}")
+            try:
+                image = heatmap_image(
+                    rel_LE, names, f"expert load / mean, step {trainer.global_step}"
+                )
+            except ImportError:  # matplotlib comes with the dev extra
+                rank_zero_warn("matplotlib is not installed: no moe/load_heatmap image (CSV only)")
+                return
             for lg in wandb_loggers:
                 lg.log_image(key="moe/load_heatmap", images=[image], step=trainer.global_step)
 
