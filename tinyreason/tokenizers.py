@@ -67,9 +67,7 @@ _VERSION = 2  # bump when code changes what a fingerprint produces
 @dataclass(frozen=True)
 class TokenizerConfig:
     kind: str = "bpe"
-    vocab_size: int = (
-        4096  # bpe: target size including special tokens (an upper bound); others ignore it
-    )
+    vocab_size: int = 4096  # bpe: target size with special tokens, an upper bound; others ignore it
     digits: str = "individual"  # bpe: how numbers are pre-split before merging
     min_frequency: int = 2  # bpe
     variant: str = "qwen3.6"  # qwen: qwen2.5 | qwen3.6
@@ -102,9 +100,10 @@ class TokenizerConfig:
             return f"qwen-{self.variant}-{_digest([_file_sha(_qwen_file(self.variant))])}"
         if self.kind == "hf":
             local = Path(self.path)
+            where = str(local.resolve()) if local.is_dir() else self.path  # a folder or a hub id
             content = _file_sha(local / "tokenizer.json") if local.is_dir() else "hub"
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", local.name or "tokenizer")
-            return f"hf-{name}-{_digest([str(local.resolve()), content])}"
+            return f"hf-{name}-{_digest([where, content])}"
         source = _deepseek_file() if self.kind == "deepseek_v4" else _cl100k_file()
         return f"{self.kind}-{_digest([_file_sha(source)])}"
 
@@ -244,9 +243,8 @@ def from_hf(path: str) -> PreTrainedTokenizerFast:
 def _from_hub(repo_id: str):
     from transformers import AutoTokenizer
 
-    hint = (
-        f"tokenizer.path={repo_id!r} is not a local folder and the Hugging Face Hub cannot be "
-        f"reached. On a machine with network run `hf download {repo_id} --local-dir <folder>` (or "
+    how = (
+        f"On a machine with network run `hf download {repo_id} --local-dir <folder>` (or "
         "`AutoTokenizer.from_pretrained(...).save_pretrained(<folder>)`), copy the folder here "
         "and pass tokenizer.path=<folder>"
     )
@@ -255,11 +253,16 @@ def _from_hub(repo_id: str):
     except Exception:
         pass
     if not _hub_reachable():
-        raise ValueError(hint)
+        raise ValueError(
+            f"tokenizer.path={repo_id!r} is not a local folder, is not in the HF cache, and the "
+            f"Hugging Face Hub cannot be reached (no network). {how}"
+        )
     try:
         return AutoTokenizer.from_pretrained(repo_id)
     except Exception as e:
-        raise ValueError(f"{hint} ({e})") from e
+        raise ValueError(
+            f"tokenizer.path={repo_id!r}: the hub could not load it ({e}). {how}"
+        ) from e
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
