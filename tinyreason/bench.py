@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HF_EXPERTS = ("grouped_mm", "batched_mm", "eager")
+# Wall clock by default; `--clock cpu` times this process's CPU seconds (all threads), which
+# other users' load distorts far less than wall time (with --threads 1 it is the step's work).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def bench_config(overrides: list[str]) -> tuple[ModelConfig, int, int]:
@@ -75,8 +78,17 @@ class Run:
     """One thing to time in one precision. `step(i)` = forward + backward (+ optimizer step for a
     whole model) on the i-th input: a token batch for a model, hidden states for a MoE layer."""
 
-    def __init__(self, name: str, module: nn.Module, bf16: bool, ours: bool, inputs: list) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        bf16: bool,
+        ours: bool,
+        inputs: list,
+        clock: str = "wall",
+    ) -> None:
         self.name, self.module, self.bf16, self.ours, self.inputs = name, module, bf16, ours, inputs
+        self.clock = CLOCKS[clock]
         self.is_model = isinstance(module, CausalLM) or hasattr(module, "lm_head")
         self.optimizer = (
             torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True) if self.is_model else None
@@ -104,34 +116,36 @@ class Run:
                 moe.update_bias(1e-3)
 
     def tokens_per_s(self) -> float:
-        start = time.perf_counter()
+        start = self.clock()
         for i in range(len(self.inputs)):
             self.step(i)
         tokens = sum(
             x.shape[0] * x.shape[1] - (x.shape[0] if self.is_model else 0) for x in self.inputs
         )
-        return tokens / (time.perf_counter() - start)
+        return tokens / (self.clock() - start)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+def matmul_peak(dtype: torch.dtype, clock: str = "wall", n: int = 2048, reps: int = 3) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` (median of `reps`)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = CLOCKS[clock]()
         a @ b
-        times.append(time.perf_counter() - start)
+        times.append(CLOCKS[clock]() - start)
     return 2 * n**3 / statistics.median(times)
 
 
-def fastest_hf_experts(theirs: nn.Module, bf16: bool, hidden: list) -> tuple[str, dict[str, float]]:
+def fastest_hf_experts(
+    theirs: nn.Module, bf16: bool, hidden: list, clock: str = "wall"
+) -> tuple[str, dict[str, float]]:
     """transformers' experts implementation with the highest MoE-layer tokens/s here."""
     layer = theirs.model.layers[theirs.config.first_k_dense_replace].mlp
     speeds: dict[str, float] = {}
     for impl in HF_EXPERTS:
         theirs.set_experts_implementation(impl)
-        run = Run(impl, layer, bf16, ours=False, inputs=hidden[:1])
+        run = Run(impl, layer, bf16, ours=False, inputs=hidden[:1], clock=clock)
         run.step(0)  # warm-up
         speeds[impl] = max(run.tokens_per_s() for _ in range(2))
     best = max(speeds, key=speeds.get)
@@ -145,6 +159,7 @@ def bench_moe(
     repeats: int,
     with_loop: bool = False,
     hf_experts: str | None = None,
+    clock: str = "wall",
 ) -> list[dict]:
     """Rows of `report`; `hf_experts` fixes transformers' experts implementation (else the
     fastest here)."""
@@ -163,7 +178,7 @@ def bench_moe(
     print(
         f"config: {config.num_layers} layers, hidden {config.hidden_size}, {config.moe.num_experts}"
         f" experts top-{config.moe.num_experts_per_tok}, vocab {config.vocab_size}, "
-        f"{batch_size} x {seq_len} tokens/step, {torch.get_num_threads()} threads; "
+        f"{batch_size} x {seq_len} tokens/step, {torch.get_num_threads()} threads, {clock} clock; "
         f"max |logit diff| ours vs transformers (fp32) = {diff:.1e}"
     )
     layer = config.num_dense_layers  # the first MoE layer of each model
@@ -171,7 +186,7 @@ def bench_moe(
     rows = []
     for dtype_name, bf16 in (("fp32", False), ("bf16", True)):
         if hf_experts is None:
-            impl, speeds = fastest_hf_experts(theirs, bf16, hidden)
+            impl, speeds = fastest_hf_experts(theirs, bf16, hidden, clock)
             tried = ", ".join(f"{k} {v:,.0f}" for k, v in speeds.items())
             print(
                 f"{dtype_name}: transformers experts implementations, MoE layer tokens/s: {tried}"
@@ -180,24 +195,31 @@ def bench_moe(
             impl = hf_experts
             theirs.set_experts_implementation(impl)
         runs = [
-            Run("ours", ours, bf16, True, batches),
-            Run(f"transformers ({impl})", theirs, bf16, False, batches),
-            Run("ours: MoE layer", ours.layers[layer].mlp, bf16, True, hidden),
-            Run("transformers: MoE layer", theirs.model.layers[layer].mlp, bf16, False, hidden),
+            Run("ours", ours, bf16, True, batches, clock),
+            Run(f"transformers ({impl})", theirs, bf16, False, batches, clock),
+            Run("ours: MoE layer", ours.layers[layer].mlp, bf16, True, hidden, clock),
+            Run(
+                "transformers: MoE layer",
+                theirs.model.layers[layer].mlp,
+                bf16,
+                False,
+                hidden,
+                clock,
+            ),
         ]
         if with_loop:
             loop = CausalLM(config)
             loop.load_state_dict(ours.state_dict())
             for moe in loop.moe_layers():
                 moe.experts.forward = moe.experts.reference
-            runs.append(Run("ours, per-expert loop", loop, bf16, True, batches))
+            runs.append(Run("ours, per-expert loop", loop, bf16, True, batches, clock))
         for run in runs:
             run.step(0)  # warm-up
         measured: dict[str, list[float]] = {run.name: [] for run in runs}
         peaks = []
         dtype = torch.bfloat16 if bf16 else torch.float32
         for _ in range(repeats):  # interleaved, so that load from other users hits all alike
-            peaks.append(matmul_peak(dtype))
+            peaks.append(matmul_peak(dtype, clock))
             for run in runs:
                 measured[run.name].append(run.tokens_per_s())
         peak = statistics.median(peaks)
@@ -256,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration")
     parser.add_argument("--with-loop", action="store_true", help="also time the reference loop")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="what a second is")
     parser.add_argument(
         "--hf-experts", choices=HF_EXPERTS, default=None, help="default: the fastest here"
     )
@@ -263,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    rows = bench_moe(args.overrides, args.steps, args.repeats, args.with_loop, args.hf_experts)
+    rows = bench_moe(
+        args.overrides, args.steps, args.repeats, args.with_loop, args.hf_experts, args.clock
+    )
     print(report(rows))
     for r in rows:
         print(
