@@ -2,6 +2,7 @@
 gradients of an FP8 step against bf16, and FP8 checkpoints."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils.module_tracker import ModuleTracker
 from tinyreason.model import CausalLM, debug_config
 from tinyreason.model.layers import RMSNorm
 from tinyreason.model.moe import Experts, Router
+from tinyreason.training import fp8
 from tinyreason.training.fp8 import FP8GroupedMM
 from tinyreason.training.precision import PrecisionConfig, apply_precision
 
@@ -50,7 +52,10 @@ class FP8Casts(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("name, recipe", FP8_OPTIONS)
-def test_router_norms_embedding_head_stay_high_precision(name, recipe):
+def test_router_norms_embedding_head_stay_high_precision(name, recipe, monkeypatch):
+    # Our emulation rounds to E4M3 arithmetically (equal to the float8 cast, test_fp8.py); swap
+    # the cast back in so that every rounding shows up as a float8 tensor below.
+    monkeypatch.setattr(fp8, "round_to_e4m3", lambda y: y.to(torch.float8_e4m3fn).float())
     torch.manual_seed(0)
     model = CausalLM(debug_config())
     converted = set(apply_precision(model, PrecisionConfig(name, recipe)))
@@ -95,11 +100,17 @@ def test_router_norms_embedding_head_stay_high_precision(name, recipe):
 
 
 def pinned_routing_model() -> CausalLM:
-    """Debug MoE whose expert choice is set by the selection bias (experts 0-3 for every token):
-    at init the sigmoid scores are near-tied, and FP8 noise would flip some tokens' experts, a
-    discrete change the gradient comparison would measure instead of the GEMM numerics."""
+    """Debug MoE with the CPU default's latent ranks (q/kv 64: the debug kv_lora_rank of 16 makes
+    the 16-element kv_a_layernorm gradient a noisy cosine), whose expert choice is set by the
+    selection bias (experts 0-3 for every token): at init the sigmoid scores are near-tied, and
+    FP8 noise would flip some tokens' experts, a discrete change the comparison would measure
+    instead of the GEMM numerics."""
+    cfg = debug_config()
+    cfg = dataclasses.replace(
+        cfg, attention=dataclasses.replace(cfg.attention, q_lora_rank=64, kv_lora_rank=64)
+    )
     torch.manual_seed(0)
-    model = CausalLM(debug_config())
+    model = CausalLM(cfg)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, Router):
@@ -125,7 +136,7 @@ def test_fp8_gradients_are_close_to_bf16(name, recipe):
     assert got.keys() == ref.keys()
     cosine = {n: F.cosine_similarity(got[n].flatten(), ref[n].flatten(), dim=0) for n in ref}
     worst = min(cosine, key=cosine.get)
-    assert cosine[worst] > 0.99, (worst, cosine[worst])
+    assert cosine[worst] > 0.99, (worst, cosine[worst])  # measured: 0.991 (tensorwise) to 0.994
     assert not all(torch.equal(got[n], ref[n]) for n in ref)  # FP8 really changed something
 
 
