@@ -10,7 +10,8 @@ and one chat template, so models, exports and BPB are comparable across vocabula
     hf           any local tokenizer folder or hub id (`tokenizer.path`)
 
 Packaged vocabularies keep the vendor's BPE ids (0..N-1) and drop the vendor's special tokens;
-ours are appended after them. Every tokenizer is built once and cached by fingerprint under
+ours are appended after them. Text is not normalized (Qwen's own wrapper applies NFC first; raw
+tiktoken does not): round trips are byte-exact and BPB counts the bytes actually given. Every tokenizer is built once and cached by fingerprint under
 `<cache_dir>/tokenizers/`. `python -m tinyreason.tokenizers compare` prints their compression.
 
 The model's vocabulary is never typed by hand: `model_vocab_size(tokenizer)` pads `len(tokenizer)`
