@@ -1,8 +1,9 @@
-"""Table of the moe_balance sweep: `python experiments/moe_balance/summarize.py multirun/moe_balance`.
+"""Table of the moe_balance sweep: `python experiments/moe_balance/summarize.py <sweep dir> ...`.
 
 Per job (variant): final val/bpb, MaxVio (max over MoE layers of max load / mean load - 1 in one
 step) at the first logged step, its mean over the last 100 steps, the same per layer, dead experts
-in the last 100 steps, and the |bias| spread reached. Writes results.csv beside this file.
+in the last 100 steps, and the bias spread reached. Writes results.csv and max_vio.png (MaxVio and
+val/bpb curves) beside this file.
 """
 
 from __future__ import annotations
@@ -38,10 +39,32 @@ def summarize(job: Path) -> dict:
     }
 
 
+def plot(jobs: list[Path], out: Path) -> None:
+    """MaxVio (max over MoE layers, 50-step bins) and val/bpb against steps, a line a job."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    ax_vio, ax_bpb = fig.subplots(1, 2)
+    for job in jobs:
+        variant = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["variant"]
+        metrics = pd.read_csv(job / "csv" / "metrics.csv")
+        train = metrics.dropna(subset=["moe/max_vio"])
+        vio = train.groupby(train["step"] // 50 * 50 + 25)["moe/max_vio"].mean()  # 50-step bins
+        ax_vio.plot(vio.index, vio, marker=".", label=variant)
+        val = metrics.dropna(subset=["val/bpb"])
+        ax_bpb.plot(val["step"], val["val/bpb"], marker=".", label=variant)
+    ax_vio.set(xlabel="step", ylabel="MaxVio (max over layers, 50-step bins)", yscale="log")
+    ax_bpb.set(xlabel="step", ylabel="val/bpb", ylim=(0.55, 0.9))
+    ax_vio.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
 def main() -> None:
-    sweep = Path(sys.argv[1] if len(sys.argv) > 1 else "multirun/moe_balance")
-    jobs = sorted(p for p in sweep.iterdir() if (p / "csv" / "metrics.csv").exists())
+    sweeps = [Path(a) for a in sys.argv[1:]] or [Path("multirun/moe_balance")]
+    jobs = [p for d in sweeps for p in sorted(d.iterdir()) if (p / "csv" / "metrics.csv").exists()]
     rows = [summarize(job) for job in jobs]
+    plot(jobs, Path(__file__).with_name("max_vio.png"))
     out = Path(__file__).with_name("results.csv")
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
