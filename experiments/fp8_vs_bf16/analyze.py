@@ -45,12 +45,14 @@ def summarize(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
                 "steps": int(d["step"].max()),
                 "final_val_bpb": val["val/bpb"].iloc[-1],
                 "min_val_bpb": val["val/bpb"].min(),
-                "final_train_ce": d["train/ce"].dropna().tail(10).mean(),
+                "train_ce_last50": d.loc[d["step"] >= d["step"].max() - 50, "train/ce"].mean(),
             }
         )
     table = pd.DataFrame(rows).set_index("variant")
     base = table.loc["bf16", "final_val_bpb"]
     table["rel_diff_vs_bf16"] = (table["final_val_bpb"] - base) / base
+    ce = table.loc["bf16", "train_ce_last50"]
+    table["train_ce_rel_diff"] = (table["train_ce_last50"] - ce) / ce
     return table
 
 
@@ -60,11 +62,11 @@ def plot(curves: dict[str, pd.DataFrame], table: pd.DataFrame, out: Path) -> Non
     for variant, d in curves.items():
         val = d.dropna(subset=["val/bpb"]).set_index("tokens")["val/bpb"]
         style = "--" if variant.startswith("bf16") else "-"
-        left.plot(val.index / 1e6, val.values, style, marker=".", label=variant)
+        left.plot(val.index[1:] / 1e6, val.values[1:], style, marker=".", label=variant)
         rel = (val - base.reindex(val.index)) / base.reindex(val.index) * 100
         right.plot(rel.index[1:] / 1e6, rel.values[1:], style, marker=".", label=variant)
     left.set(
-        xlabel="tokens seen (M)", ylabel="val/bpb", yscale="log", title="validation bits per byte"
+        xlabel="tokens seen (M)", ylabel="val/bpb", title="validation bits per byte (step 0: 4.42)"
     )
     right.axhspan(-0.5, 0.5, color="green", alpha=0.1, label="target: within 0.5%")
     right.axhline(0, color="black", lw=0.5)
