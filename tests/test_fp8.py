@@ -195,3 +195,16 @@ def test_round_to_e4m3_equals_the_float8_cast_everywhere():
     got = round_to_e4m3(y)
     assert torch.equal(got, expected)
     assert torch.equal(got.signbit(), expected.signbit())
+
+
+def test_pad_groups_aligns_every_expert_group_with_zero_rows():
+    """The GPU rowwise grouped GEMM path pads each expert's rows to a multiple of 16."""
+    from tinyreason.training.fp8 import _pad_groups
+
+    x, _, offsets = grouped_case(8, 8, [3, 0, 16, 17])
+    x_pad, offsets_pad, dest = _pad_groups(x.detach(), offsets, 16)
+    assert offsets_pad.tolist() == [16, 16, 32, 64] and offsets_pad.dtype == torch.int32
+    assert torch.equal(x_pad[dest], x.detach())
+    kept = torch.zeros(len(x_pad), dtype=torch.bool)
+    kept[dest] = True
+    assert not x_pad[~kept].any()
