@@ -69,6 +69,7 @@ def test_unknown_key_fails_before_work():
         ("optim.schedule=linear", "schedule"),
         ("trainer.val_check_interval=7", "val_check_interval"),
         ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+        ("moe_heatmap_every=0", "moe_heatmap_every"),
     ],
 )
 def test_inconsistent_values_raise_valueerror_naming_the_field(make_cfg, override, field):

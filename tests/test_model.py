@@ -206,12 +206,18 @@ def test_sdpa_core_matches_eager_reference(
     heads: int, kv_heads: int, qk_dim: int, v_dim: int
 ) -> None:
     torch.manual_seed(0)
-    q = torch.randn(2, heads, 10, qk_dim)
-    k = torch.randn(2, kv_heads, 10, qk_dim)
-    v = torch.randn(2, kv_heads, 10, v_dim)
+    q = torch.randn(2, heads, 10, qk_dim, requires_grad=True)
+    k = torch.randn(2, kv_heads, 10, qk_dim, requires_grad=True)
+    v = torch.randn(2, kv_heads, 10, v_dim, requires_grad=True)
     out = causal_attention(q, k, v, scale=qk_dim**-0.5)
+    ref = _eager_attention(q, k, v, qk_dim**-0.5)
     assert out.shape == (2, heads, 10, v_dim)
-    torch.testing.assert_close(out, _eager_attention(q, k, v, qk_dim**-0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # v_dim < qk_dim pads v for the flash kernel: the gradients must not see the padding.
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["moe", "dense", "mla_no_q_lora"])

@@ -277,6 +277,21 @@ def test_counts_only_in_training_and_update_bias_moves_toward_underloaded() -> N
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
 
 
+def test_bias_stays_fp32_when_the_model_is_cast_to_bf16() -> None:
+    model = CausalLM(debug_config(kind="moe")).to(torch.bfloat16)
+    moe = model.moe_layers()[0]
+    assert moe.experts.gate_up_proj.dtype == torch.bfloat16
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.fill_(1.0)  # bf16 spacing at 1.0 is 2^-7 > gamma
+    moe.tokens_per_expert[0] = 10  # expert 0 overloaded, the rest idle
+    moe.update_bias(1e-3)
+    bias = moe.gate.e_score_correction_bias
+    assert bias[0].item() == pytest.approx(1.0 - 1e-3) and bias[1].item() == pytest.approx(1.001)
+    saved = model.state_dict()["layers.1.mlp.gate.e_score_correction_bias"]  # still a buffer
+    assert saved.dtype == torch.float32 and torch.equal(saved, bias)
+
+
 def test_bias_update_drives_skewed_router_to_uniform_load() -> None:
     moe = _moe(num_groups=1, topk_groups=1).train()
     x = torch.randn(4, 16, 64)

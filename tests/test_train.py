@@ -37,9 +37,22 @@ def read_csv(run_dir: Path) -> list[dict]:
     "model, precision", [("moe", "fp8"), ("dense", "bf16"), ("dense_mla", "fp32")]
 )
 def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path, model, precision):
-    cfg = make_cfg(f"model={model}", f"precision={precision}", "debug=fast", "logger=csv")
+    cfg = make_cfg(
+        f"model={model}",
+        f"precision={precision}",
+        "debug=fast",
+        "logger=csv",
+        "moe_heatmap_every=4",
+    )
     metrics = train(cfg)
     run = Path(cfg.run_dir)
+    heatmap = run / "moe_load.csv"
+    if model == "moe":  # layer x expert load every 4 steps: one MoE layer + the MTP block
+        with heatmap.open() as f:
+            rows = [(r["step"], r["layer"]) for r in csv.DictReader(f)]
+        assert rows == [(step, layer) for step in ("4", "8") for layer in ("layer1", "mtp0")]
+    else:
+        assert not heatmap.exists()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list((run / "checkpoints").glob("best-*.ckpt"))
     rows = read_csv(run)

@@ -100,6 +100,11 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.val_check_interval ({t.val_check_interval}), so the last step is validated "
             "and checkpointed"
         )
+    every = cfg.get("moe_heatmap_every")
+    if every is not None and (not isinstance(every, int) or every <= 0):
+        raise ValueError(
+            f"moe_heatmap_every must be a positive number of steps or null, got {every!r}"
+        )
     for key in ("seq_len", "batch_size"):
         if cfg.data[key] <= 0:
             raise ValueError(f"data.{key} must be positive, got {cfg.data[key]}")
@@ -231,7 +236,12 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
         precision=module.precision_config.lightning,
         default_root_dir=run_dir,
         logger=build_loggers(cfg, run_dir),
-        callbacks=[checkpoints, MoEBiasUpdate(), Throughput(), *callbacks],
+        callbacks=[
+            checkpoints,
+            MoEBiasUpdate(cfg.get("moe_heatmap_every")),
+            Throughput(),
+            *callbacks,
+        ],
         num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
         # no_grad, not inference_mode: metric states reset during the step-0 `validate` must

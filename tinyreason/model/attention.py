@@ -54,17 +54,24 @@ def causal_attention(
     """softmax(q k^T * scale + causal mask) v -> [B, H, S, U]; head h reads kv head h // (H/G).
 
     With a KV cache the keys cover T >= S positions and the queries are the last S of them.
-    SDPA accepts U != Q and G < H (enable_gqa) on CPU and GPU; its kernels accumulate the softmax
-    in fp32, and tests check it against an explicit fp32 softmax reference.
+    SDPA's kernels accumulate the softmax in fp32; tests check it against an explicit fp32 softmax
+    reference. Its flash kernels (CPU and CUDA) need U == Q, otherwise SDPA falls back to the
+    unfused math path (which also computes the masked half of q k^T): for MLA (U < Q) v is
+    zero-padded to Q and the output sliced back, as HF does for flash-attention. The padded
+    columns of the output are exactly zero and only add U..Q to the p v product.
     """
     S, T = q_BHSQ.shape[2], k_BGTQ.shape[2]
+    Q, U = q_BHSQ.shape[-1], v_BGTU.shape[-1]
     gqa = q_BHSQ.shape[1] != k_BGTQ.shape[1]
     mask_ST = None
     if S != T and S > 1:  # a chunk after cached positions: query i sees keys <= T - S + i
         mask_ST = torch.ones(S, T, dtype=torch.bool, device=q_BHSQ.device).tril(T - S)
-    return F.scaled_dot_product_attention(
+    if U < Q:
+        v_BGTU = F.pad(v_BGTU, (0, Q - U))
+    o_BHSU = F.scaled_dot_product_attention(
         q_BHSQ, k_BGTQ, v_BGTU, attn_mask=mask_ST, is_causal=S == T, scale=scale, enable_gqa=gqa
     )
+    return o_BHSU[..., :U]
 
 
 class LayerCache:
