@@ -431,4 +431,10 @@ def test_bench_moe_smoke(cache_dir) -> None:
         )
     ]
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    assert "ours bf16 / ours fp32" in report(rows)
+    text = report(rows)
+    assert "ours bf16 / ours fp32" in text
+    theirs = {
+        r["dtype"]: r["mfu"] for r in rows if r["model"].startswith("transformers") and r["mfu"]
+    }
+    # the ceiling line is 1 / transformers' MFU per dtype
+    assert f"fp32 {1 / theirs['fp32']:.2f}x, bf16 {1 / theirs['bf16']:.2f}x" in text

@@ -257,10 +257,18 @@ def report(rows: list[dict]) -> str:
             f"| {r['dtype']} | {r['what']} | {r['model']} | {r['tokens_per_s']:,.0f} | "
             f"{ratio:.2f}x | {mfu} |"
         )
+    # Any implementation of the same model does the same FLOPs, so 1 / (transformers' MFU) bounds
+    # the ratio ours / transformers that any speed-up of ours could reach on this machine.
+    ceilings = [
+        f"{r['dtype']} {1 / r['mfu']:.2f}x"
+        for r in rows
+        if r["model"].startswith("transformers") and r["mfu"]
+    ]
+    lines.append("\nceiling of ours / transformers at 100% MFU: " + ", ".join(ceilings))
     ours = {r["dtype"]: r["tokens_per_s"] for r in rows if r["model"] == "ours"}
     peaks = {r["dtype"]: r["peak_gflops"] for r in rows}
     lines.append(
-        f"\nours bf16 / ours fp32 = {ours['bf16'] / ours['fp32']:.2f}x; matmul peak "
+        f"ours bf16 / ours fp32 = {ours['bf16'] / ours['fp32']:.2f}x; matmul peak "
         + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items())
     )
     return "\n".join(lines)
