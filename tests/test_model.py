@@ -25,6 +25,7 @@ from tinyreason.model import (
 )
 from tinyreason.model import attention as attention_mod
 from tinyreason.model.attention import apply_rope, causal_attention, rope_cos_sin
+from tinyreason.model.layers import RMSNorm
 from tinyreason.model.moe import MoE
 
 V = 512
@@ -187,6 +188,31 @@ def test_causality_main_and_mtp_logits(name: str) -> None:
         a.mtp_logits[0][:, : j - 1], b.mtp_logits[0][:, : j - 1], rtol=0, atol=1e-6
     )
     assert not torch.allclose(a.mtp_logits[0][:, j - 1], b.mtp_logits[0][:, j - 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rmsnorm_matches_the_written_out_formula(dtype: torch.dtype, autocast: bool) -> None:
+    """Fused F.rms_norm == HF's x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight:
+    outputs and gradients, with and without bf16 autocast."""
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(3, 5, 48) * 4).to(dtype).requires_grad_()
+    x_fp32 = x.float()
+    want = norm.weight * (x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(
+        dtype
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = norm(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, (x, norm.weight), grad)
+    want_grads = torch.autograd.grad(want, (x, norm.weight), grad)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def _eager_attention(q_BHSQ, k_BGSQ, v_BGSU, scale):

@@ -2,8 +2,10 @@
 
     python experiments/fp8_vs_bf16/analyze.py [sweep folder ...]    (default multirun/fp8_vs_bf16)
 
-Reads every job's csv/metrics.csv under the folders, named by its `variant` override. Relative
-differences are (variant - bf16) / bf16 of the final val/bpb.
+Reads every job's csv/metrics.csv under the folders, named by its `variant` override (a variant
+found twice: the later folder wins). Relative differences are (variant - bf16) / bf16 of the final
+val/bpb, against seed 0's bf16 and against the bf16 run of the variant's own seed (`*_seed1`
+variants pair with `bf16_seed1`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def load(sweeps: list[Path]) -> dict[str, pd.DataFrame]:
             if (job / "csv" / "metrics.csv").is_file() and "variant" in values:
                 curves[values["variant"]] = pd.read_csv(job / "csv" / "metrics.csv")
     order = ["bf16", "bf16_seed1", "tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
+    order += ["deepseek_v3", "blockwise_seed1", "deepseek_v3_seed1"]
     return dict(sorted(curves.items(), key=lambda kv: (order + [kv[0]]).index(kv[0])))
 
 
@@ -51,6 +54,12 @@ def summarize(curves: dict[str, pd.DataFrame]) -> pd.DataFrame:
     table = pd.DataFrame(rows).set_index("variant")
     base = table.loc["bf16", "final_val_bpb"]
     table["rel_diff_vs_bf16"] = (table["final_val_bpb"] - base) / base
+    same_seed = [
+        "bf16_seed1" if v.endswith("_seed1") and "bf16_seed1" in table.index else "bf16"
+        for v in table.index
+    ]
+    paired = table.loc[same_seed, "final_val_bpb"].to_numpy()
+    table["rel_diff_vs_same_seed_bf16"] = (table["final_val_bpb"] - paired) / paired
     ce = table.loc["bf16", "train_ce_last50"]
     table["train_ce_rel_diff"] = (table["train_ce_last50"] - ce) / ce
     return table

@@ -9,7 +9,10 @@ from torch import nn
 
 class RMSNorm(nn.Module):
     """RMSNorm (arXiv 1910.07467) with HF's cast order, needed for bit-level parity:
-    normalise in fp32, cast back to the input dtype, then scale by the weight."""
+    normalise in fp32, cast back to the input dtype, then scale by the weight.
+
+    The normalisation is torch's fused `F.rms_norm` (one kernel forward and backward instead of
+    five; on CPU half the time of the written-out x * rsqrt(mean(x^2) + eps), same result)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -17,9 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
+        # autocast off: the normalisation must stay fp32 whatever autocast's op lists say
+        with torch.autocast(x.device.type, enabled=False):
+            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class MLP(nn.Module):
