@@ -130,6 +130,7 @@ def test_param_and_flop_counts() -> None:
     active = n_all
     attn = 6 * (cfg.num_layers + 1) * S * H * 2 * hd
     assert dense.flops_per_token(S) == pytest.approx(6 * active + attn)
+    assert dense.flops_per_token(S, causal=True) == pytest.approx(6 * active + attn / 2)
 
     moe_model = _model(debug_config(V, "moe"))
     routed = sum(p.numel() for m in moe_model.moe_layers() for p in m.experts.parameters())

@@ -30,12 +30,14 @@ def active_params_per_token(model: CausalLM) -> float:
     return n + cfg.mtp.depth * model.lm_head.weight.numel()
 
 
-def flops_per_token(model: CausalLM, seq_len: int) -> float:
+def flops_per_token(model: CausalLM, seq_len: int, causal: bool = False) -> float:
     """6 * N_active + 6 * layers * S * H * (d_qk + d_v).
 
     Per token and layer the forward computes q.k against S keys and the weighted sum of S values:
-    2*S*H*(d_qk + d_v) FLOPs, times 3 for forward + backward. No causal halving (PaLM convention,
-    so MFU numbers compare with published ones). MTP blocks count as extra attention layers.
+    2*S*H*(d_qk + d_v) FLOPs, times 3 for forward + backward. No causal halving by default (PaLM
+    convention, so MFU numbers compare with published ones); `causal=True` halves the attention
+    term: the least work any causal implementation must do (a lower bound, for speed ceilings).
+    MTP blocks count as extra attention layers.
     """
     cfg = model.config
     a = cfg.attention
@@ -45,4 +47,6 @@ def flops_per_token(model: CausalLM, seq_len: int) -> float:
         qk_dim = v_dim = a.resolved_head_dim(cfg.hidden_size)
     attn_layers = cfg.num_layers + cfg.mtp.depth
     attention = 6 * attn_layers * seq_len * a.num_heads * (qk_dim + v_dim)
+    if causal:
+        attention /= 2
     return 6 * active_params_per_token(model) + attention

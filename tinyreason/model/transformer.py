@@ -161,9 +161,9 @@ class CausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
         """Training FLOPs per token (forward + backward), for MFU; see `flops.flops_per_token`."""
-        return flops_per_token(self, seq_len)
+        return flops_per_token(self, seq_len, causal)
 
 
 def _check_inputs(
