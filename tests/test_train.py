@@ -68,9 +68,15 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
         "lr",
         "grad_norm",
         "perf/tokens_per_s",
+        "perf/mfu",
         "tokens",
     ]:
         assert key in columns, key
+    # MFU = tokens/s x FLOPs per token / one peak measured at the start: a constant ratio
+    perf = [(float(r["perf/mfu"]), float(r["perf/tokens_per_s"])) for r in rows if r["perf/mfu"]]
+    assert perf and all(0 < mfu < 1 for mfu, _ in perf)
+    ratios = [mfu / tps for mfu, tps in perf]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-5)
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert len(bpb) == 3  # step 0, 5, 10
     assert bpb[-1] < bpb[0], "ten steps on a tiny corpus must lower val/bpb"

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tinyreason.model import CausalLM, ModelConfig, MTPConfig
+from tinyreason.model.flops import matmul_flops
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +126,6 @@ class Run:
         return tokens / (self.clock() - start)
 
 
-def matmul_peak(dtype: torch.dtype, clock: str = "wall", n: int = 2048, reps: int = 3) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` (median of `reps`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    times = []
-    for _ in range(reps):
-        start = CLOCKS[clock]()
-        a @ b
-        times.append(CLOCKS[clock]() - start)
-    return 2 * n**3 / statistics.median(times)
-
-
 def fastest_hf_experts(
     theirs: nn.Module, bf16: bool, hidden: list, clock: str = "wall"
 ) -> tuple[str, dict[str, float]]:
@@ -220,7 +209,7 @@ def bench_moe(
         peaks = []
         dtype = torch.bfloat16 if bf16 else torch.float32
         for _ in range(repeats):  # interleaved, so that load from other users hits all alike
-            peaks.append(matmul_peak(dtype, clock))
+            peaks.append(matmul_flops(dtype, clock=CLOCKS[clock]))
             for run in runs:
                 measured[run.name].append(run.tokens_per_s())
         peak = statistics.median(peaks)

@@ -1,4 +1,4 @@
-"""Training FLOPs per token, for MFU.
+"""Training FLOPs per token and the peak FLOP/s they are divided by, for MFU.
 
 6 * N_active (Kaplan et al. 2020: 2 FLOPs per multiply-add forward, twice that backward) plus
 the attention-score term of PaLM (Chowdhery et al. 2022, App. B) that parameters do not count.
@@ -6,7 +6,11 @@ the attention-score term of PaLM (Chowdhery et al. 2022, App. B) that parameters
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import torch
 
 from .config import MLAConfig
 
@@ -50,3 +54,49 @@ def flops_per_token(model: CausalLM, seq_len: int, causal: bool = False) -> floa
     if causal:
         attention /= 2
     return 6 * active_params_per_token(model) + attention
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, by device-name substring
+# (first match wins); the convention of nanochat and torchtitan for GPU MFU.
+GPU_BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "RTX 4090": 165e12,
+}
+
+
+def matmul_flops(
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
+    n: int = 2048,
+    reps: int = 3,
+) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` timed here: the median of `reps` after a warm-up."""
+    device = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = clock()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(clock() - start)
+    return 2 * n**3 / sorted(times[1:])[reps // 2]
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """What MFU divides by: the data-sheet bf16 peak of a known GPU, else (CPU, other GPUs) the
+    measured `matmul_flops` in `dtype`: on CPU, the rate torch's own GEMM reaches here."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_BF16_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    return matmul_flops(dtype, device)

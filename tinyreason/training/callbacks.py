@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tinyreason.model.flops import peak_flops
 from tinyreason.model.moe import MoE, load_stats
 
 
@@ -135,16 +136,33 @@ def heatmap_image(rel_LE: torch.Tensor, names: list[str], title: str):
 
 
 class Throughput(L.Callback):
-    """Tokens per second of each training step (wall clock between consecutive batch ends)."""
+    """Tokens per second of each training step (wall clock between consecutive batch ends), and
+    MFU: per-device tokens/s x training FLOPs per token (`CausalLM.flops_per_token`, PaLM
+    convention) / `peak_flops` in the run's compute dtype (bf16 for bf16 and FP8 runs)."""
 
     def __init__(self) -> None:
         self._t = None
+        self._flops_per_token = 0.0
+        self._peak = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._flops_per_token = pl_module.model.flops_per_token(trainer.datamodule.seq_len)
+        dtype = (
+            torch.float32 if pl_module.precision_config.lightning == "32-true" else torch.bfloat16
+        )
+        self._peak = peak_flops(pl_module.device, dtype)
+        pl_module.print(
+            f"MFU against {self._peak / 1e12:.3g} TFLOP/s ({dtype}, {pl_module.device.type}); "
+            f"{self._flops_per_token / 1e6:.3g} MFLOP per token"
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._t is not None:
-            tokens = batch.shape[0] * (batch.shape[1] - 1) * trainer.world_size
-            pl_module.log("perf/tokens_per_s", tokens / (now - self._t), prog_bar=True)
+            tokens = batch.shape[0] * (batch.shape[1] - 1)  # this device's
+            tokens_per_s = tokens / (now - self._t)
+            pl_module.log("perf/tokens_per_s", tokens_per_s * trainer.world_size, prog_bar=True)
+            pl_module.log("perf/mfu", tokens_per_s * self._flops_per_token / self._peak)
         self._t = now
 
     def on_validation_end(self, trainer, pl_module) -> None:
