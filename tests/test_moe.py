@@ -397,6 +397,60 @@ def test_gradient_accumulation_updates_bias_once_per_step_with_summed_counts(tmp
     assert sum(float(rows[0][f"expert_{e}"]) for e in range(E)) == pytest.approx(E, rel=1e-3)
 
 
+class _RankSpy(_CountsSpy):
+    """`_CountsSpy` that saves what this rank saw, and its final biases, to <dir>/rank<r>.pt."""
+
+    def __init__(self, out_dir) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        layers = pl_module.model.moe_layers()
+        final = torch.stack([m.gate.e_score_correction_bias.clone() for m in layers])
+        torch.save(
+            {"counts": self.counts, "biases": self.biases, "final": final},
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def test_bias_update_sums_the_counts_of_all_ranks(tmp_path) -> None:
+    """Two real data-parallel processes (CPU, gloo): each routes its own batches, and both apply
+    the same bias update computed from the counts of both ranks."""
+    tokens = torch.randint(0, 512, (16, 17), generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(tokens, batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[_RankSpy(tmp_path), MoEBiasUpdate(heatmap_every=1)],
+    )
+    trainer.fit(_TinyLM(), data)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["counts"][0], ranks[1]["counts"][0]), "same data on both ranks"
+    torch.testing.assert_close(ranks[0]["final"], ranks[1]["final"], rtol=0, atol=0)
+    gamma = _TinyLM().model.config.moe.bias_update_speed
+    bias = ranks[0]["biases"][0]
+    assert (bias == 0).all()
+    for step in range(2):
+        load_LE = (ranks[0]["counts"][step] + ranks[1]["counts"][step]).float()
+        bias = bias + gamma * torch.sign(load_LE.mean(-1, keepdim=True) - load_LE)
+        if step == 0:  # what both ranks hold at their second batch
+            for rank in ranks:
+                torch.testing.assert_close(rank["biases"][1], bias)
+    torch.testing.assert_close(ranks[0]["final"], bias)
+    # The update from one rank's counts alone would differ: the sum is what moved the bias.
+    local = ranks[0]["counts"][0].float()
+    alone = gamma * torch.sign(local.mean(-1, keepdim=True) - local)
+    assert not torch.equal(ranks[0]["biases"][1], alone)
+
+
 def test_moe_layer_names_and_heatmap_image() -> None:
     names = list(moe_layers(CausalLM(debug_config(kind="moe"))))
     assert names == ["layer1", "layer2", "mtp0"]
