@@ -346,19 +346,26 @@ class _CountsSpy(L.Callback):
         self.biases.append(torch.stack([m.gate.e_score_correction_bias.clone() for m in layers]))
 
 
-def test_gradient_accumulation_updates_bias_once_per_step_with_summed_counts(tmp_path) -> None:
-    data = torch.utils.data.DataLoader(torch.randint(0, 512, (16, 17)), batch_size=2)
-    module, spy = _TinyLM(), _CountsSpy()
-    trainer = L.Trainer(
+def _quiet_trainer(tmp_path, callbacks: list, **kwargs) -> L.Trainer:
+    """Two optimizer steps, no logger, checkpoint, progress bar or validation."""
+    return L.Trainer(
         max_steps=2,
-        accumulate_grad_batches=4,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=[spy, MoEBiasUpdate(heatmap_every=1)],
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def test_gradient_accumulation_updates_bias_once_per_step_with_summed_counts(tmp_path) -> None:
+    data = torch.utils.data.DataLoader(torch.randint(0, 512, (16, 17)), batch_size=2)
+    module, spy = _TinyLM(), _CountsSpy()
+    trainer = _quiet_trainer(
+        tmp_path, [spy, MoEBiasUpdate(heatmap_every=1)], accumulate_grad_batches=4
     )
     trainer.fit(module, data)
     layers = module.model.moe_layers()
@@ -418,18 +425,9 @@ def test_bias_update_sums_the_counts_of_all_ranks(tmp_path) -> None:
     the same bias update computed from the counts of both ranks."""
     tokens = torch.randint(0, 512, (16, 17), generator=torch.Generator().manual_seed(0))
     data = torch.utils.data.DataLoader(tokens, batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=[_RankSpy(tmp_path), MoEBiasUpdate(heatmap_every=1)],
+    callbacks = [_RankSpy(tmp_path), MoEBiasUpdate(heatmap_every=1)]
+    trainer = _quiet_trainer(
+        tmp_path, callbacks, accelerator="cpu", devices=2, strategy="ddp_spawn"
     )
     trainer.fit(_TinyLM(), data)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
