@@ -25,7 +25,7 @@ from tinyreason.model import (
 )
 from tinyreason.model import attention as attention_mod
 from tinyreason.model.attention import apply_rope, causal_attention, rope_cos_sin
-from tinyreason.model.layers import RMSNorm
+from tinyreason.model.layers import RMSNorm, linear, uses_onednn
 from tinyreason.model.moe import MoE
 
 V = 512
@@ -189,6 +189,35 @@ def test_causality_main_and_mtp_logits(name: str) -> None:
         a.mtp_logits[0][:, : j - 1], b.mtp_logits[0][:, : j - 1], rtol=0, atol=1e-6
     )
     assert not torch.allclose(a.mtp_logits[0][:, j - 1], b.mtp_logits[0][:, j - 1])
+
+
+@pytest.mark.parametrize("shape", [(128, 48), (4, 32, 48), (2, 40, 48)])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_onednn_linear_equals_f_linear(shape: tuple[int, ...], weight_grad: bool) -> None:
+    """The fp32 CPU path of `linear` (oneDNN GEMMs forward and backward) == F.linear."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(80, 48, requires_grad=weight_grad)
+    assert uses_onednn(x, w), "this torch build must have oneDNN (torch.ops.mkldnn)"
+    got, want = linear(x, w), F.linear(x, w)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    inputs = (x, w) if weight_grad else (x,)
+    for g, r in zip(
+        torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad), strict=True
+    ):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_linear_only_for_fp32_cpu_outside_autocast() -> None:
+    w = torch.randn(80, 48)
+    assert uses_onednn(torch.randn(64, 48), w)
+    assert not uses_onednn(torch.randn(16, 48), w)  # too few rows: MKL's call is cheaper
+    assert not uses_onednn(torch.randn(64, 48, dtype=torch.bfloat16), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_onednn(torch.randn(64, 48), w)  # autocast's bf16 GEMM instead
+        assert linear(torch.randn(64, 48), w).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GQAConfig, MLAConfig, ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 # HF DeepseekV3 builds q_a_layernorm / kv_a_layernorm without config.rms_norm_eps, i.e. eps=1e-6.
 LATENT_NORM_EPS = 1e-6
@@ -134,19 +134,17 @@ class MLA(nn.Module):
         self.scale = qk_dim**-0.5
         d = config.hidden_size
         if self.q_lora_rank > 0:
-            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d, self.q_lora_rank)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * qk_dim)
         else:
-            self.q_proj = nn.Linear(d, self.num_heads * qk_dim, bias=False)
+            self.q_proj = Linear(d, self.num_heads * qk_dim)
         # Rows [latent c^KV | shared k^R], eqs. 1 and 3.
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.rope_dim)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         # Per head: [k^C (P rows) | v^C (U rows)], eqs. 2 and 5.
-        self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
-        )
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, d, bias=False)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(self.num_heads * self.v_dim, d)
 
     def forward(
         self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
@@ -188,10 +186,10 @@ class GQA(nn.Module):
         self.head_dim = a.resolved_head_dim(config.hidden_size)
         self.scale = self.head_dim**-0.5
         d, hd = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * hd)
+        self.k_proj = Linear(d, self.num_kv_heads * hd)
+        self.v_proj = Linear(d, self.num_kv_heads * hd)
+        self.o_proj = Linear(self.num_heads * hd, d)
         self.qk_norm = a.qk_norm
         if a.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)

@@ -126,6 +126,8 @@ def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor)
     Parameter, the layout FP8 grouped kernels expect. Replace it on an `Experts` instance
     (`experts.grouped_mm = fp8_grouped_mm`, same signature) or in a subclass.
     Runs `F.grouped_mm` where supported, else a loop of matmuls over the groups (same result).
+    (A loop of oneDNN GEMMs, as `layers.linear` uses for fp32 on CPU, is slower here: every step
+    brings new group sizes, and oneDNN builds a kernel per shape.)
     """
     if grouped_mm_supported(x_MI, w_EIO):
         return _ContiguousGrad.apply(F.grouped_mm(x_MI, w_EIO, offs=offsets_E))

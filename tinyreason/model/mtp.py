@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .attention import Rope
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 
 class MTPModule(nn.Module):
@@ -25,7 +25,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(hidden_size, eps)
         self.hnorm = RMSNorm(hidden_size, eps)
-        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)  # M_k
+        self.eh_proj = Linear(2 * hidden_size, hidden_size)  # M_k
         self.block = block
         self.norm = RMSNorm(hidden_size, eps)
 

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import KVCache, LayerCache, Rope, build_attention, rope_cos_sin
 from .config import ModelConfig
 from .flops import flops_per_token
-from .layers import MLP, RMSNorm
+from .layers import MLP, Linear, RMSNorm
 from .moe import Experts, MoE, Router
 from .mtp import MTPModule
 
@@ -82,7 +82,7 @@ class CausalLM(nn.Module):
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(d, eps)
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head = Linear(d, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # MTP blocks use MoE whenever the model has MoE (HF forces first_k_dense_replace=0 for them).

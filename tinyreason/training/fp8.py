@@ -36,6 +36,7 @@ from torchao.float8 import Float8LinearConfig
 from torchao.float8.float8_linear import Float8Linear
 
 from tinyreason.model import moe
+from tinyreason.model.layers import Linear
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ def convert(model: nn.Module, recipe: str, emulate: bool) -> list[str]:
             else:
                 skipped.append(f"{fqn} [{E}x{O}x{I}]")
             continue
-        if type(module) is not nn.Linear or fqn.rsplit(".", 1)[-1] in HIGH_PRECISION:
+        if type(module) not in (nn.Linear, Linear) or fqn.rsplit(".", 1)[-1] in HIGH_PRECISION:
             continue
         shape_ok = kernel_takes(module.in_features, module.out_features, recipe, emulate)
         if not shape_ok or (recipe == "blockwise" and module.bias is not None):
