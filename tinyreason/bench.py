@@ -13,7 +13,8 @@ DeepSeekMoE implementation from attention, norms and the output head, which both
 Configurations are timed in turn, `--repeats` rounds of `--steps` steps each, and the median round
 is reported: absolute times on a shared machine are noise; ratios measured this way are what to
 quote. MFU = tokens/s x model FLOPs per token (`CausalLM.flops_per_token`) / peak, where the peak
-is a 2048^3 matmul timed in the same process and dtype.
+is the faster of torch's and our (`layers.linear`: oneDNN for fp32 on CPU) 2048^3 matmul, timed in
+the same process and dtype (`flops.matmul_flops`).
 """
 
 from __future__ import annotations
