@@ -26,10 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from .templates import ITEMS, NAMES, PLACES, TEXT, UNITS, VEHICLES, WORD, WORKS
+
 KINDS = ("add", "sub", "mul", "compare", "gcd", "price", "rate", "unit", "linear")
 LANGS = ("en", "zh")
 SPLITS = ("train", "validation", "test")
-# Bump whenever a sampler or template changes: cached corpora are keyed by fingerprint().
+# Bump whenever a sampler or a template (templates.py) changes: cached corpora are keyed by
+# fingerprint().
 GENERATOR_VERSION = 1
 # Candidates drawn for one slot before giving up; a split keeps ~5-90% of keys, so this only
 # trips when the problem space is exhausted (tiny difficulty knobs, huge split sizes).
@@ -108,262 +111,6 @@ def split_of(key: str) -> str:
     return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
 
 
-# ---------------------------------------------------------------------------------------------
-# Text, English and Chinese side by side. The Chinese follows primary-school textbook phrasing
-# (进位, 不够减, 辗转相除法, 总价 = 单价 × 数量) rather than translating the English line by line.
-# Templates take keyword fields; str.format ignores the fields a language does not use.
-
-_EN_PLACES = "units tens hundreds thousands ten-thousands hundred-thousands millions ten-millions hundred-millions billions"
-_PLACES = {
-    "en": tuple(_EN_PLACES.split()),
-    "zh": tuple("个位 十位 百位 千位 万位 十万位 百万位 千万位 亿位 十亿位".split()),
-}
-
-_TEXT = {
-    "en": {
-        "so": "So {fact}.",
-        "only": "{place}: only {d}, write {d}",
-        "add.q": "What is {a} + {b}?",
-        "add.q2": "Compute {a} + {b}.",
-        "add.intro": "Line up the digits by place value and add column by column, starting from the units.",
-        "add.col": "{place}: {expr} = {total}, write {digit}",
-        "add.carried": " + 1 (carried)",
-        "add.carry": " carry 1",
-        "add.last": "{place}: carried 1, write 1",
-        "sub.q": "What is {a} - {b}?",
-        "sub.q2": "Compute {a} - {b}.",
-        "sub.neg": "{a} is less than {b}, so the result is negative: {a} - {b} = -({b} - {a}).",
-        "sub.intro": "Line up the digits and subtract column by column from the units, borrowing when a digit is too small.",
-        "sub.lent": "{d} - 1 (borrowed) = {low}",
-        "sub.borrow": "{low} < {sub}, borrow 1 from the {next}: {high} - {sub} = {diff}",
-        "sub.col": "{place}: {body}, write {digit}",
-        "sub.sep": "; ",
-        "sub.negso": "{fact}, so {a} - {b} = {diff}.",
-        "mul.q": "What is {a} × {b}?",
-        "mul.q2": "Compute {a} × {b}.",
-        "mul.split": "Split {n} by place value: {n} = {parts}.",
-        "mul.shift": "{fact}, so {left} = {product}",
-        "mul.add": "Add the partial products: {fact}",
-        "cmp.q": "Compare {a} and {b}. Answer with >, < or =.",
-        "cmp.digits": "{n} digits",
-        "cmp.digit": "1 digit",
-        "cmp.len": "{a} has {la} and {b} has {lb}.",
-        "cmp.more": "The number with more digits is larger, so {answer}.",
-        "cmp.same": "Both numbers have {la}, so compare digit by digit from the highest place.",
-        "cmp.eq": "{place}: {x} = {y}, the same",
-        "cmp.diff": "{place}: {x} {r} {y}, so {answer}.",
-        "cmp.all": "Every digit is the same, so {answer}.",
-        "gcd.q": "What is the greatest common divisor of {a} and {b}?",
-        "gcd.intro": "Use the Euclidean algorithm: divide, then divide the divisor by the remainder, until the remainder is 0.",
-        "gcd.step": "{x} = {q} × {y} + {r}",
-        "gcd.done": "The remainder is 0, so the greatest common divisor is {g}.",
-        "lin.q": "Solve for x: {lhs} = {c}.",
-        "lin.sub": "Subtract {b} from both sides: {fact}",
-        "lin.add": "Add {b} to both sides: {fact}",
-        "lin.div": "Divide both sides by {a}: {fact}",
-        "lin.check": "Check: {fact}. Correct.",
-    },
-    "zh": {
-        "so": "所以 {fact}。",
-        "only": "{place}：只有 {d}，直接写 {d}",
-        "add.q": "计算：{a} + {b}。",
-        "add.q2": "{a} 加 {b} 等于多少？",
-        "add.intro": "把两个数按数位对齐，从个位开始逐位相加。",
-        "add.col": "{place}：{expr} = {total}，写 {digit}",
-        "add.carried": " + 1（进位）",
-        "add.carry": " 进 1",
-        "add.last": "{place}：进位 1，写 1",
-        "sub.q": "计算：{a} - {b}。",
-        "sub.q2": "{a} 减 {b} 等于多少？",
-        "sub.neg": "{a} 比 {b} 小，差是负数：{a} - {b} = -({b} - {a})。",
-        "sub.intro": "把两个数按数位对齐，从个位开始逐位相减，不够减时向前一位借 1。",
-        "sub.lent": "{d} 被借走 1 后是 {low}",
-        "sub.borrow": "{low} 不够减 {sub}，从{next}借 1：{high} - {sub} = {diff}",
-        "sub.col": "{place}：{body}，写 {digit}",
-        "sub.sep": "，",
-        "sub.negso": "{fact}，所以 {a} - {b} = {diff}。",
-        "mul.q": "计算：{a} × {b}。",
-        "mul.q2": "{a} 乘 {b} 等于多少？",
-        "mul.split": "把 {n} 按数位拆开：{n} = {parts}。",
-        "mul.shift": "{fact}，所以 {left} = {product}",
-        "mul.add": "把部分积相加：{fact}",
-        "cmp.q": "比较 {a} 和 {b} 的大小，用 >、< 或 = 表示。",
-        "cmp.digits": "{n} 位数",
-        "cmp.digit": "1 位数",
-        "cmp.len": "{a} 是 {la}，{b} 是 {lb}。",
-        "cmp.more": "位数多的数大，所以 {answer}。",
-        "cmp.same": "两个数都是 {la}，从最高位起逐位比较。",
-        "cmp.eq": "{place}：{x} = {y}，相同",
-        "cmp.diff": "{place}：{x} {r} {y}，所以 {answer}。",
-        "cmp.all": "每一位都相同，所以 {answer}。",
-        "gcd.q": "求 {a} 和 {b} 的最大公因数。",
-        "gcd.intro": "用辗转相除法：用较大数除以较小数，再用除数除以余数，直到余数为 0。",
-        "gcd.step": "{x} ÷ {y} = {q}……{r}",
-        "gcd.done": "余数为 0，所以最大公因数是 {g}。",
-        "lin.q": "解方程：{lhs} = {c}。",
-        "lin.sub": "方程两边同时减去 {b}：{fact}",
-        "lin.add": "方程两边同时加上 {b}：{fact}",
-        "lin.div": "方程两边同时除以 {a}：{fact}",
-        "lin.check": "检验：{fact}，正确。",
-    },
-}
-
-# Word problems: (question, *steps) per variant. English plurals come pre-formatted ({price_d}:
-# "1 dollar" / "7 dollars"), as do the surface choices (names, items, vehicles).
-_WORD = {
-    "en": {
-        "price.total": (
-            "One {one} costs {price_d}. How many dollars do {qty} {many} cost?",
-            "Total cost = unit price × quantity.",
-            "{price} × {qty} = {total}",
-            "So {qty} {many} cost {total_d}.",
-        ),
-        "price.change": (
-            "{name} buys {qty} {many} at {price_d} each and pays {paid_d}. How many dollars of change should {name} get?",
-            "First find the total cost: {price} × {qty} = {total}.",
-            "Change = amount paid - total cost = {paid} - {total} = {change}",
-            "So {name} gets {change_d} in change.",
-        ),
-        "price.unit": (
-            "{qty} {many} cost {total_d} in total. How many dollars does one {one} cost?",
-            "Unit price = total cost ÷ quantity.",
-            "{total} ÷ {qty} = {price}",
-            "So one {one} costs {price_d}.",
-        ),
-        "rate.distance": (
-            "A {vehicle} travels at {speed} kilometers per hour. How many kilometers does it travel in {hours_d}?",
-            "Distance = speed × time.",
-            "{speed} × {hours} = {dist}",
-            "So it travels {dist} kilometers.",
-        ),
-        "rate.time": (
-            "A {vehicle} travels {dist} kilometers at {speed} kilometers per hour. How many hours does the trip take?",
-            "Time = distance ÷ speed.",
-            "{dist} ÷ {speed} = {hours}",
-            "So the trip takes {hours_d}.",
-        ),
-        "rate.work": (
-            "{name} can {verb} {r1} {things} per hour and {name2} can {verb} {r2} {things} per hour. "
-            "Working together, how many hours do they need to {verb} {job} {things}?",
-            "Together they {verb} {r1} + {r2} = {both} {things} per hour.",
-            "Time = total work ÷ combined rate: {job} ÷ {both} = {hours}",
-            "So they need {hours_d}.",
-        ),
-        "unit.to_small": (
-            "How many {smalls} are there in {amount}?",
-            "1 {big1} = {factor} {smalls}.",
-            "{big_d} = {big} × {factor} = {small} {smalls}",
-            "{small} + {rest} = {answer} {smalls}",
-            "So {amount} is {answer} {smalls}.",
-        ),
-        "unit.to_small_whole": (
-            "How many {smalls} are there in {amount}?",
-            "1 {big1} = {factor} {smalls}.",
-            "{big_d} = {big} × {factor} = {small} {smalls}",
-            "So {amount} is {answer} {smalls}.",
-        ),
-        "unit.to_big": (
-            "How many {bigs} is {small} {smalls}?",
-            "1 {big1} = {factor} {smalls}, so divide by {factor}.",
-            "{small} ÷ {factor} = {big}",
-            "So {small} {smalls} is {big_d}.",
-        ),
-    },
-    "zh": {
-        "price.total": (
-            "{noun}每{mw} {price} 元，买 {qty} {mw}需要多少元？",
-            "总价 = 单价 × 数量。",
-            "{price} × {qty} = {total}（元）",
-            "所以买 {qty} {mw}{noun}需要 {total} 元。",
-        ),
-        "price.change": (
-            "{name}买了 {qty} {mw}{noun}，每{mw} {price} 元，付了 {paid} 元，应找回多少元？",
-            "先求总价：{price} × {qty} = {total}（元）。",
-            "找回的钱 = 付的钱 - 总价：{paid} - {total} = {change}（元）",
-            "所以应找回 {change} 元。",
-        ),
-        "price.unit": (
-            "{qty} {mw}{noun}一共 {total} 元，每{mw}多少元？",
-            "单价 = 总价 ÷ 数量。",
-            "{total} ÷ {qty} = {price}（元）",
-            "所以每{mw}{noun} {price} 元。",
-        ),
-        "rate.distance": (
-            "{vehicle_zh}每小时行驶 {speed} 千米，{hours} 小时行驶多少千米？",
-            "路程 = 速度 × 时间。",
-            "{speed} × {hours} = {dist}（千米）",
-            "所以 {hours} 小时行驶 {dist} 千米。",
-        ),
-        "rate.time": (
-            "{vehicle_zh}以每小时 {speed} 千米的速度行驶了 {dist} 千米，用了几小时？",
-            "时间 = 路程 ÷ 速度。",
-            "{dist} ÷ {speed} = {hours}（小时）",
-            "所以用了 {hours} 小时。",
-        ),
-        "rate.work": (
-            "{name}每小时{verb_zh} {r1} {mw}{noun}，{name2}每小时{verb_zh} {r2} {mw}，两人合作{verb_zh} {job} {mw}{noun}需要几小时？",
-            "两人每小时一共{verb_zh} {r1} + {r2} = {both}（{mw}）。",
-            "工作时间 = 工作总量 ÷ 工作效率：{job} ÷ {both} = {hours}（小时）",
-            "所以两人合作需要 {hours} 小时。",
-        ),
-        "unit.to_small": (
-            "{amount_zh}是多少{small_zh}？",
-            "1 {big_zh} = {factor} {small_zh}。",
-            "{big} {big_zh} = {big} × {factor} = {small} {small_zh}",
-            "{small} + {rest} = {answer}（{small_zh}）",
-            "所以 {amount_zh}是 {answer} {small_zh}。",
-        ),
-        "unit.to_small_whole": (
-            "{amount_zh}是多少{small_zh}？",
-            "1 {big_zh} = {factor} {small_zh}。",
-            "{big} {big_zh} = {big} × {factor} = {small} {small_zh}",
-            "所以 {amount_zh}是 {answer} {small_zh}。",
-        ),
-        "unit.to_big": (
-            "{small} {small_zh}是多少{big_zh}？",
-            "1 {big_zh} = {factor} {small_zh}，{small_zh}化成{big_zh}要除以 {factor}。",
-            "{small} ÷ {factor} = {big}（{big_zh}）",
-            "所以 {small} {small_zh}是 {big} {big_zh}。",
-        ),
-    },
-}
-
-_NAMES = {
-    "en": ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Emma"),
-    "zh": ("小明", "小红", "小刚", "小丽", "李华", "王芳", "张伟", "刘洋"),
-}
-# (en singular, en plural, zh noun, zh measure word)
-_ITEMS = (
-    ("pencil", "pencils", "铅笔", "支"),
-    ("notebook", "notebooks", "笔记本", "本"),
-    ("apple", "apples", "苹果", "个"),
-    ("storybook", "storybooks", "故事书", "本"),
-    ("football", "footballs", "足球", "个"),
-    ("kite", "kites", "风筝", "只"),
-    ("bottle of milk", "bottles of milk", "牛奶", "瓶"),
-    ("bag of rice", "bags of rice", "大米", "袋"),
-    ("movie ticket", "movie tickets", "电影票", "张"),
-)
-_VEHICLES = (
-    ("car", "一辆汽车"),
-    ("train", "一列火车"),
-    ("bus", "一辆公交车"),
-    ("truck", "一辆卡车"),
-)
-# (en verb, en plural noun, zh verb, zh noun, zh measure word)
-_WORKS = (
-    ("make", "dumplings", "包", "饺子", "个"),
-    ("fold", "paper cranes", "折", "纸鹤", "只"),
-    ("make", "cards", "做", "贺卡", "张"),
-    ("make", "parts", "做", "零件", "个"),
-)
-# name: (factor, en big singular, en big plural, en small singular, en small plural, zh big, zh small)
-_UNITS = {
-    "km_m": (1000, "kilometer", "kilometers", "meter", "meters", "千米", "米"),
-    "kg_g": (1000, "kilogram", "kilograms", "gram", "grams", "千克", "克"),
-    "h_min": (60, "hour", "hours", "minute", "minutes", "小时", "分钟"),
-}
-
 Solution = tuple[str, list[str], str]  # question, steps, answer
 Builder = Callable[[str, random.Random], Solution]  # (lang, rng for surface choices) -> Solution
 Draw = tuple[str, Builder]  # key, builder
@@ -388,7 +135,7 @@ def _paren(n: int) -> str:
 
 
 def _word(lang: str, template: str, answer: int, **fields: object) -> Solution:
-    question, *steps = (t.format(answer=answer, **fields) for t in _WORD[lang][template])
+    question, *steps = (t.format(answer=answer, **fields) for t in WORD[lang][template])
     return question, steps, str(answer)
 
 
@@ -397,7 +144,7 @@ def _word(lang: str, template: str, answer: int, **fields: object) -> Solution:
 
 
 def _build_add(a: int, b: int, lang: str, rng: random.Random) -> Solution:
-    t, places = _TEXT[lang], _PLACES[lang]
+    t, places = TEXT[lang], PLACES[lang]
     da, db = _digits(a), _digits(b)
     steps = [t["add.intro"]]
     carry, width = 0, max(len(da), len(db))
@@ -419,7 +166,7 @@ def _build_add(a: int, b: int, lang: str, rng: random.Random) -> Solution:
 
 def _sub_columns(top: int, bottom: int, lang: str) -> list[str]:
     """Column subtraction top - bottom (top >= bottom >= 0), borrowing from the next place."""
-    t, places = _TEXT[lang], _PLACES[lang]
+    t, places = TEXT[lang], PLACES[lang]
     dt, db = _digits(top), _digits(bottom)
     lines, borrow = [], 0
     for i, d in enumerate(dt):
@@ -446,7 +193,7 @@ def _sub_columns(top: int, bottom: int, lang: str) -> list[str]:
 
 
 def _build_sub(a: int, b: int, lang: str, rng: random.Random) -> Solution:
-    t = _TEXT[lang]
+    t = TEXT[lang]
     steps = [t["sub.neg"].format(a=a, b=b)] if a < b else []
     steps.append(t["sub.intro"])
     steps += _sub_columns(max(a, b), min(a, b), lang)
@@ -459,7 +206,7 @@ def _build_sub(a: int, b: int, lang: str, rng: random.Random) -> Solution:
 
 def _build_mul(a: int, b: int, lang: str, rng: random.Random) -> Solution:
     """a × b by partial products: split b by place value, or a when b is a single digit."""
-    t = _TEXT[lang]
+    t = TEXT[lang]
     split, other = (a, b) if b < 10 else (b, a)
     parts = _place_parts(split)
     steps = []
@@ -482,7 +229,7 @@ def _build_mul(a: int, b: int, lang: str, rng: random.Random) -> Solution:
 
 
 def _build_compare(a: int, b: int, lang: str, rng: random.Random) -> Solution:
-    t = _TEXT[lang]
+    t = TEXT[lang]
     rel = ">" if a > b else "<" if a < b else "="
     answer = f"{a} {rel} {b}"
     sa, sb = str(a), str(b)
@@ -492,7 +239,7 @@ def _build_compare(a: int, b: int, lang: str, rng: random.Random) -> Solution:
         return t["cmp.q"].format(a=a, b=b), steps, answer
     steps = [t["cmp.same"].format(la=la)]
     for i, (x, y) in enumerate(zip(sa, sb, strict=True)):
-        place = _PLACES[lang][len(sa) - 1 - i]
+        place = PLACES[lang][len(sa) - 1 - i]
         if x != y:
             r = ">" if x > y else "<"
             steps.append(t["cmp.diff"].format(place=place, x=x, y=y, r=r, answer=answer))
@@ -504,7 +251,7 @@ def _build_compare(a: int, b: int, lang: str, rng: random.Random) -> Solution:
 
 
 def _build_gcd(a: int, b: int, lang: str, rng: random.Random) -> Solution:
-    t = _TEXT[lang]
+    t = TEXT[lang]
     steps = [t["gcd.intro"]]
     x, y = max(a, b), min(a, b)
     while y:
@@ -516,7 +263,7 @@ def _build_gcd(a: int, b: int, lang: str, rng: random.Random) -> Solution:
 
 
 def _build_linear(a: int, b: int, c: int, lang: str, rng: random.Random) -> Solution:
-    t = _TEXT[lang]
+    t = TEXT[lang]
     x = (c - b) // a
     assert a * x + b == c, "the sampler only makes integer solutions"
     plus_b = f" + {b}" if b > 0 else f" - {-b}" if b < 0 else ""
@@ -537,12 +284,12 @@ def _build_linear(a: int, b: int, c: int, lang: str, rng: random.Random) -> Solu
 def _build_price(
     variant: str, price: int, qty: int, paid: int, lang: str, rng: random.Random
 ) -> Solution:
-    one, many, noun, mw = rng.choice(_ITEMS)
+    one, many, noun, mw = rng.choice(ITEMS)
     total = price * qty
     answer = {"total": total, "change": paid - total, "unit": price}[variant]
     amounts = dict(price=price, qty=qty, total=total, paid=paid, change=paid - total)
     dollars = {f"{k}_d": _count(v, "dollar", "dollars") for k, v in amounts.items()}
-    names = dict(one=one, many=many, noun=noun, mw=mw, name=rng.choice(_NAMES[lang]))
+    names = dict(one=one, many=many, noun=noun, mw=mw, name=rng.choice(NAMES[lang]))
     return _word(lang, f"price.{variant}", answer, **amounts, **dollars, **names)
 
 
@@ -552,14 +299,14 @@ def _build_rate(
     """distance / time: speed r1 for `hours`; work: rates r1 and r2 together for `hours`."""
     fields: dict[str, object] = dict(hours=hours, hours_d=_count(hours, "hour", "hours"))
     if variant == "work":
-        verb, things, verb_zh, noun, mw = rng.choice(_WORKS)
-        name, name2 = rng.sample(_NAMES[lang], 2)
+        verb, things, verb_zh, noun, mw = rng.choice(WORKS)
+        name, name2 = rng.sample(NAMES[lang], 2)
         fields |= dict(
             verb=verb, things=things, verb_zh=verb_zh, noun=noun, mw=mw, name=name, name2=name2
         )
         fields |= dict(r1=r1, r2=r2, both=r1 + r2, job=(r1 + r2) * hours)
         return _word(lang, "rate.work", hours, **fields)
-    vehicle, vehicle_zh = rng.choice(_VEHICLES)
+    vehicle, vehicle_zh = rng.choice(VEHICLES)
     fields |= dict(vehicle=vehicle, vehicle_zh=vehicle_zh, speed=r1, dist=r1 * hours)
     return _word(lang, f"rate.{variant}", r1 * hours if variant == "distance" else hours, **fields)
 
@@ -568,7 +315,7 @@ def _build_unit(
     pair: str, to_small: bool, big: int, rest: int, lang: str, rng: random.Random
 ) -> Solution:
     """to_small: `big` big units and `rest` small ones -> small units; else big * factor small -> big."""
-    factor, big1, bigs, small1, smalls, big_zh, small_zh = _UNITS[pair]
+    factor, big1, bigs, small1, smalls, big_zh, small_zh = UNITS[pair]
     small = big * factor
     big_d = _count(big, big1, bigs)
     amount = big_d + (f" {_count(rest, small1, smalls)}" if rest else "")
@@ -658,10 +405,10 @@ def _sample_rate(rng: random.Random, cfg: CorpusConfig) -> Draw:
 
 
 def _sample_unit(rng: random.Random, cfg: CorpusConfig) -> Draw:
-    pair = rng.choice(tuple(_UNITS))
+    pair = rng.choice(tuple(UNITS))
     to_small = rng.random() < 0.5
     big = rng.randint(1, 10 ** max(1, cfg.max_digits - 1) - 1)
-    rest = rng.randint(0, _UNITS[pair][0] - 1) if to_small else 0
+    rest = rng.randint(0, UNITS[pair][0] - 1) if to_small else 0
     direction = "to_small" if to_small else "to_big"
     return f"unit:{pair}:{direction}:{big}:{rest}", partial(_build_unit, pair, to_small, big, rest)
 
