@@ -178,6 +178,7 @@ def test_two_process_ddp_run_from_the_command_line(cache_dir, tmp_path):
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert bpb[-1] < bpb[0]
     assert (run / "hf" / "config.json").is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_multirun_gives_each_job_its_own_grouped_wandb_run(cache_dir, tmp_path):

@@ -212,7 +212,6 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
 
     data = prepare_data(cfg)
     apply_byte_budget(cfg, data.manifest)
-    data.tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)  # what export and generate read
     vocab = model_vocab_size(data.tokenizer)
     module = LitCausalLM(model_dict(cfg, vocab), optim_dict(cfg), precision_dict(cfg))
     module.token_bytes.copy_(token_byte_lengths(data.tokenizer, module.model_config.vocab_size))
@@ -248,6 +247,8 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
         # stay usable when validation later runs inside `fit`
         inference_mode=False,
     )
+    if trainer.is_global_zero:  # what export and generate read; one writer under DDP
+        data.tokenizer.save_pretrained(run_dir / TOKENIZER_DIR)
     data_stats = {  # what a vocabulary comparison reads beside val/bpb and perf/tokens_per_s
         "data/bytes_per_token": bytes_per_token(data.manifest),
         "data/vocab_size": float(len(data.tokenizer)),
