@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,18 @@ from omegaconf import DictConfig, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model", "precision", "tokenizer", "data", "trainer", "logger", "debug")
+
+
+def run_train_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m tinyreason.train *args` in a fresh process, W&B offline; text output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "tinyreason.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        **kwargs,
+    )
 
 
 def group_options(group: str) -> list[str]:

@@ -1,10 +1,7 @@
 """Every shipped config composes and validates; bad input fails early with a useful message."""
 
-import subprocess
-import sys
-
 import pytest
-from conftest import GROUPS, group_options
+from conftest import GROUPS, group_options, run_train_cli
 
 from tinyreason.train import validate_config
 
@@ -35,24 +32,15 @@ def test_model_precision_grid_validates_under_debug(make_cfg, model, precision):
     validate_config(make_cfg(f"model={model}", f"precision={precision}", "debug=fast"))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinyreason.train", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_unknown_group_option_lists_allowed_values():
-    proc = run_cli("model=nonexistent")
+    proc = run_train_cli("model=nonexistent", timeout=120)
     assert proc.returncode != 0
     for option in group_options("model"):
         assert option in proc.stderr
 
 
 def test_unknown_key_fails_before_work():
-    proc = run_cli("trainer.nonexistent_key=1")
+    proc = run_train_cli("trainer.nonexistent_key=1", timeout=120)
     assert proc.returncode != 0
     assert "nonexistent_key" in proc.stderr
 

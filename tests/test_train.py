@@ -3,14 +3,12 @@
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import run_train_cli
 
 from tinyreason.train import train
 
@@ -152,21 +150,13 @@ def test_two_process_ddp_run_from_the_command_line(cache_dir, tmp_path):
     """`trainer.devices=2 trainer.strategy=ddp`: Lightning relaunches the command as a second
     process (gloo); both train on their share of each step, rank 0 writes the run."""
     run = tmp_path / "ddp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyreason.train",
-            "debug=fast",
-            "logger=csv",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            f"hydra.run.dir={run}",
-            f"cache_dir={cache_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_train_cli(
+        "debug=fast",
+        "logger=csv",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={run}",
+        f"cache_dir={cache_dir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "train_ddp_process_1.log").is_file(), "no second process"
@@ -183,22 +173,13 @@ def test_two_process_ddp_run_from_the_command_line(cache_dir, tmp_path):
 
 def test_multirun_gives_each_job_its_own_grouped_wandb_run(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyreason.train",
-            "-m",
-            "debug=fast",
-            "logger=wandb",
-            "model=moe,dense",
-            f"hydra.sweep.dir={sweep}",
-            f"cache_dir={cache_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "WANDB_MODE": "offline"},
+    proc = run_train_cli(
+        "-m",
+        "debug=fast",
+        "logger=wandb",
+        "model=moe,dense",
+        f"hydra.sweep.dir={sweep}",
+        f"cache_dir={cache_dir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = []

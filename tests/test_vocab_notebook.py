@@ -2,13 +2,11 @@
 `experiment=vocab_scaling` multirun: CSV logs and W&B offline run files."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import run_train_cli
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,25 +15,16 @@ pytestmark = pytest.mark.slow
 
 def test_notebook_rebuilds_table_and_plot_from_a_tiny_sweep(cache_dir, tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tinyreason.train",
-            "-m",
-            "experiment=vocab_scaling",
-            "debug=fast",
-            "vocab=bpe_1k,cl100k",
-            "budget.train_bytes=6000",
-            "data.seq_len=32",
-            "trainer.limit_val_batches=4",
-            f"hydra.sweep.dir={sweep}",
-            f"cache_dir={cache_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "WANDB_MODE": "offline"},
+    proc = run_train_cli(
+        "-m",
+        "experiment=vocab_scaling",
+        "debug=fast",
+        "vocab=bpe_1k,cl100k",
+        "budget.train_bytes=6000",
+        "data.seq_len=32",
+        "trainer.limit_val_batches=4",
+        f"hydra.sweep.dir={sweep}",
+        f"cache_dir={cache_dir}",
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import MLAConfig
+from .layers import linear
 
 if TYPE_CHECKING:
     from .transformer import CausalLM
@@ -78,8 +79,6 @@ def matmul_flops(
     """FLOP/s of an n x n x n matmul in `dtype` timed here: the median of `reps` after a warm-up,
     for torch's `a @ b` and for our `layers.linear` (which takes oneDNN for fp32 on CPU, where
     torch's MKL can be half as fast); the faster of the two."""
-    from .layers import linear
-
     device = torch.device(device)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
