@@ -15,13 +15,13 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason.export import checkpoint_file, find_tokenizer, load_checkpoint, run_dir_of
 from tinyreason.model import CausalLM
-from tinyreason.model.attention import KVCache
 from tinyreason.model.hf import is_hf_folder, load_pretrained
+from tinyreason.sampling import SamplingConfig, sample
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,6 @@ def load_model(
     return load_checkpoint(path), find_tokenizer(run_dir_of(path), tokenizer)
 
 
-def _next_token(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Greedy argmax at temperature 0; else a sample from softmax(logits / T) restricted to the
-    smallest set of top tokens whose probability reaches top_p (nucleus sampling, arXiv 1904.09751)."""
-    logits_BV = logits_BV.float()
-    if temperature == 0:
-        return logits_BV.argmax(dim=-1)
-    probs_BV = (logits_BV / temperature).softmax(dim=-1)
-    if top_p < 1:
-        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop_BV = sorted_BV.cumsum(dim=-1) - sorted_BV >= top_p
-        sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
-        probs_BV = torch.zeros_like(probs_BV).scatter_(-1, order_BV, sorted_BV)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def generate(
     model: CausalLM,
@@ -64,38 +46,47 @@ def generate(
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     eos_token_id: int | None = None,
     use_cache: bool = True,
     seed: int = 0,
 ) -> torch.Tensor:
     """Continue `input_ids` [1, S]; return the new token ids [1, <= max_new_tokens], ending at the
-    first `eos_token_id` (included) if one is generated."""
+    first `eos_token_id` (included) if one is generated. Batches: `tinyreason.sampling.sample`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be [1, seq], got shape {tuple(input_ids.shape)}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    limit = model.config.max_seq_len
-    if input_ids.shape[1] + max_new_tokens - 1 > limit:
         raise ValueError(
-            f"{input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
-            f"model's max_seq_len={limit}"
+            f"input_ids must be [1, seq], got shape {tuple(input_ids.shape)}; for a batch of "
+            "prompts use tinyreason.sampling.sample (or generate_batch)"
         )
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
-    cache = KVCache(len(model.layers)) if use_cache else None
-    seq = input_ids.to(device)
-    step_input = seq
-    new: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        logits = model(step_input, cache=cache).logits[:, -1]
-        token = _next_token(logits, temperature, top_p, generator)[:, None]
-        new.append(token)
-        if eos_token_id is not None and token.item() == eos_token_id:
-            break
-        seq = torch.cat([seq, token], dim=1)
-        step_input = token if use_cache else seq
-    return torch.cat(new, dim=1) if new else seq[:, :0]
+    config = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
+    new = sample(model, input_ids.tolist(), config, eos_token_id=eos_token_id, use_cache=use_cache)
+    return torch.tensor(new, dtype=torch.long, device=input_ids.device)
+
+
+def generate_batch(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    config: SamplingConfig,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+    batch_size: int = 64,
+) -> list[str]:
+    """Completions (special tokens dropped) of text prompts, `batch_size` prompts per batch."""
+    ids = [prompt_ids(tokenizer, p, chat, system)[0].tolist() for p in prompts]
+    texts: list[str] = []
+    for start in range(0, len(ids), batch_size):
+        new = sample(
+            model,
+            ids[start : start + batch_size],
+            config,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            seeds=[config.seed + i for i in range(start, min(start + batch_size, len(ids)))],
+        )
+        texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return texts
 
 
 def prompt_ids(
@@ -124,18 +115,21 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_model(Path(cfg.ckpt), cfg.tokenizer)
     if cfg.device != "cpu":
         model = model.to(cfg.device)
-    ids = prompt_ids(tokenizer, str(cfg.prompt), cfg.chat, cfg.system)
-    new = generate(
-        model,
-        ids,
-        cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=cfg.use_cache,
-        seed=cfg.seed,
+    prompts = list(cfg.prompt) if OmegaConf.is_list(cfg.prompt) else [str(cfg.prompt)]
+    config = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed)
+    if not cfg.use_cache:  # the reference path, one prompt at a time
+        for p in prompts:
+            ids = prompt_ids(tokenizer, str(p), cfg.chat, cfg.system)
+            new = sample(
+                model, ids.tolist(), config, eos_token_id=tokenizer.eos_token_id, use_cache=False
+            )
+            print(tokenizer.decode(new[0], skip_special_tokens=True))
+        return
+    texts = generate_batch(
+        model, tokenizer, [str(p) for p in prompts], config, chat=cfg.chat, system=cfg.system
     )
-    print(tokenizer.decode(new[0].tolist(), skip_special_tokens=True))
+    for text in texts:
+        print(text)
 
 
 if __name__ == "__main__":

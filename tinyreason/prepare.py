@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason import tokenizers
-from tinyreason.data import shards
+from tinyreason.data import packing, shards
 from tinyreason.data.sources import build_corpus, dataclass_from_dict
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,22 @@ def tokenizer_config(cfg: DictConfig) -> tokenizers.TokenizerConfig:
     )
 
 
+def packed_window(cfg: DictConfig) -> int | None:
+    """`data.loss_on`: all -> the token stream (None); assistant -> conversations packed into
+    windows of seq_len + 1 tokens, loss on the assistant turns only."""
+    loss_on = cfg.data.get("loss_on", "all")
+    if loss_on not in packing.LOSS_ON:
+        raise ValueError(f"data.loss_on={loss_on!r} is not one of {list(packing.LOSS_ON)}")
+    if loss_on == "all":
+        return None
+    if cfg.data.name != "reasoning":
+        raise ValueError(
+            f"data.loss_on=assistant needs conversations (data=reasoning); data={cfg.data.name} "
+            "is plain text: use data.loss_on=all"
+        )
+    return cfg.data.seq_len + 1
+
+
 def prepare_data(cfg: DictConfig) -> PreparedData:
     corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
     tok_cfg = tokenizer_config(cfg)
@@ -42,6 +58,7 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         tok_cfg, cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
     )
     tok_fp = tok_dir.name
+    window = packed_window(cfg)
     manifest = shards.prepare(
         data_dir=Path(cfg.cache_dir) / "shards",
         corpus_fp=corpus.fingerprint,
@@ -49,8 +66,9 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         tokenizer_dir=tok_dir,
         vocab_size=len(tokenizer),
         documents=corpus.documents,
+        window=window,
     )
-    root = shards.shard_dir(Path(cfg.cache_dir) / "shards", corpus.fingerprint, tok_fp)
+    root = shards.shard_dir(Path(cfg.cache_dir) / "shards", corpus.fingerprint, tok_fp, window)
     return PreparedData(tokenizer, tok_dir, root, manifest)
 
 

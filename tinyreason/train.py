@@ -19,15 +19,19 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tinyreason.data import synthetic
 from tinyreason.data.datamodule import PretrainDataModule
 from tinyreason.data.shards import bytes_per_token, steps_for_bytes
-from tinyreason.data.sources import build_corpus
+from tinyreason.data.sources import ReasoningCorpus, build_corpus
+from tinyreason.evaluate import eval_options, eval_sets, run_evaluation
+from tinyreason.evaluation import corpus_items
 from tinyreason.export import TOKENIZER_DIR, check_exportable, export_model
 from tinyreason.model import ModelConfig
 from tinyreason.model.hf import load_weights, read_hf_config
-from tinyreason.prepare import prepare_data, tokenizer_config
+from tinyreason.prepare import packed_window, prepare_data, tokenizer_config
 from tinyreason.tokenizers import model_vocab_size, token_byte_lengths
 from tinyreason.training.callbacks import MoEBiasUpdate, Throughput
+from tinyreason.training.exact_match import ExactMatch
 from tinyreason.training.module import LitCausalLM
 from tinyreason.training.optim import OptimConfig
 from tinyreason.training.precision import PrecisionConfig
@@ -85,6 +89,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Build every typed config once so bad values fail before data is read or a step runs."""
     build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
     tokenizer_config(cfg)
+    packed_window(cfg)
     model = ModelConfig.from_dict(model_dict(cfg, vocab_size=1024))
     if cfg.export.hf:  # fail now, not after training, if transformers has no class for the model
         check_exportable(model, drop_mtp=hf_export_drops_mtp(model))
@@ -213,7 +218,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     data = prepare_data(cfg)
     apply_byte_budget(cfg, data.manifest)
     vocab = model_vocab_size(data.tokenizer)
-    module = LitCausalLM(model_dict(cfg, vocab), optim_dict(cfg), precision_dict(cfg))
+    module = LitCausalLM(
+        model_dict(cfg, vocab), optim_dict(cfg), precision_dict(cfg), data.manifest.get("loss_flag")
+    )
     module.token_bytes.copy_(token_byte_lengths(data.tokenizer, module.model_config.vocab_size))
     if init_from and ckpt is None:  # a resumed run takes its weights from the checkpoint
         module.configure_model()
@@ -221,6 +228,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     datamodule = PretrainDataModule(
         str(data.shard_root), cfg.data.seq_len, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
     )
+    exact_match = exact_match_callback(cfg, data.tokenizer)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-{step}",
@@ -239,6 +247,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
             checkpoints,
             MoEBiasUpdate(cfg.get("moe_heatmap_every")),
             Throughput(),
+            *([exact_match] if exact_match else []),
             *callbacks,
         ],
         num_sanity_val_steps=0,
@@ -278,15 +287,72 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     metrics.update(data_stats)
     if first is not None:
         metrics["val/bpb_first"] = first
+    final = final_evaluation(cfg, module, data.tokenizer, trainer, run_dir)
+    for logger in trainer.loggers:
+        if final:
+            logger.log_metrics(final, step=trainer.global_step)
+    metrics.update(final)
     log.info(
-        "done: %d steps, %.0f tokens/s over fit, val/bpb %s -> %.4f; run dir %s",
+        "done: %d steps, %.0f tokens/s over fit, val/bpb %s -> %.4f%s; run dir %s",
         trainer.global_step,
         metrics["tokens"] / seconds,
         f"{first:.4f}" if first is not None else "(resumed)",
         metrics.get("val/bpb", float("nan")),
+        _exact_match_summary(metrics),
         run_dir,
     )
     return metrics
+
+
+def _eval_corpus(cfg: DictConfig):
+    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
+    return corpus.config if isinstance(corpus, ReasoningCorpus) else None
+
+
+def exact_match_callback(cfg: DictConfig, tokenizer) -> ExactMatch | None:
+    """`eval.during_training.num_problems` held-out problems answered at every validation."""
+    during = cfg.eval.during_training
+    corpus = _eval_corpus(cfg)
+    if corpus is None or not during.num_problems:
+        return None
+    items = corpus_items(corpus, during.split, during.num_problems)
+    return ExactMatch(items, tokenizer, eval_options(cfg.eval))
+
+
+def final_evaluation(cfg: DictConfig, module, tokenizer, trainer, run_dir: Path) -> dict:
+    """`eval.at_end`: exact match of the final weights on `eval.splits` and `eval.files`
+    (rank 0 writes eval.json and completions.jsonl to the run dir)."""
+    corpus = _eval_corpus(cfg)
+    if not cfg.eval.at_end or (corpus is None and not cfg.eval.files):
+        return {}
+    eval_cfg = cfg.eval if corpus is not None else OmegaConf.merge(cfg.eval, {"splits": []})
+    sets = eval_sets(eval_cfg, corpus or synthetic.CorpusConfig())
+    model = module.model
+    with torch.no_grad(), torch.autocast(model.lm_head.weight.device.type, enabled=False):
+        reports = run_evaluation(
+            model,
+            tokenizer,
+            sets,
+            eval_options(cfg.eval),
+            run_dir if trainer.is_global_zero else None,
+        )
+    out = {}
+    for name, report in reports.items():
+        out[f"{name}/exact_match"] = report["exact_match"]
+        out |= {f"{name}/exact_match_{k}": v for k, v in report["by_kind"].items()}
+        out[f"{name}/no_answer"] = report["no_answer"]
+        out |= {f"{name}/{k}": v for k, v in report.get("pass_at_k", {}).items()}
+    return out
+
+
+def _exact_match_summary(metrics: dict) -> str:
+    parts = [f"val {metrics['val/exact_match']:.1%}"] if "val/exact_match" in metrics else []
+    parts += [
+        f"{k.removesuffix('/exact_match')} {v:.1%}"
+        for k, v in metrics.items()
+        if k.endswith("/exact_match") and not k.startswith("val/")
+    ]
+    return f", exact match {', '.join(parts)}" if parts else ""
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -297,9 +363,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    # `trainer` defaults to cpu in the YAML; pick gpu when CUDA is present and nobody chose.
-    if torch.cuda.is_available() and not any("trainer=" in a for a in sys.argv[1:]):
-        sys.argv.append("trainer=gpu")
+    # `trainer` and `precision` default to cpu / fp32 in the YAML (a CPU without native bf16 runs
+    # bf16 GEMMs ~100x slower than fp32); with CUDA, pick gpu / bf16 unless the user chose.
+    if torch.cuda.is_available():
+        for group, option in (("trainer", "gpu"), ("precision", "bf16")):
+            if not any(a.lstrip("+~").startswith(f"{group}=") for a in sys.argv[1:]):
+                sys.argv.append(f"{group}={option}")
     _hydra_main()
 
 

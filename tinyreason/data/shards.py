@@ -30,6 +30,9 @@ from filelock import FileLock
 from litdata import TokensLoader
 from litdata.streaming.writer import BinaryWriter
 
+from tinyreason.data import packing
+from tinyreason.tokenizers import BOS, EOS, PAD, ROLES
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
@@ -39,8 +42,11 @@ _DOCS_PER_ITEM = 256  # documents tokenized per item (one batch call of the toke
 _CHUNK_TOKENS = 1 << 18  # tokens per chunk file (0.5 MiB at uint16)
 
 
-def shard_dir(data_dir: str | os.PathLike, corpus_fp: str, tokenizer_fp: str) -> Path:
-    return Path(data_dir) / corpus_fp / tokenizer_fp
+def shard_dir(
+    data_dir: str | os.PathLike, corpus_fp: str, tokenizer_fp: str, window: int | None = None
+) -> Path:
+    """The stream layout at <corpus>/<tokenizer>; packed conversations at <tokenizer>-packed<W>."""
+    return Path(data_dir) / corpus_fp / (tokenizer_fp + (f"-packed{window}" if window else ""))
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
@@ -86,6 +92,40 @@ def _write_tokens(out: Path, docs: Sequence[str], tokenizer_dir: str, dtype: tor
     return num_tokens
 
 
+def _write_packed(
+    out: Path, docs: Sequence[str], tokenizer_dir: str, window: int, seed: int
+) -> dict[str, int]:
+    """Whole conversations packed into windows of `window` tokens, assistant tokens flagged
+    (`packing.pack`); one window per litdata item and a whole number of windows per chunk, so
+    `TokensLoader(block_size=window)` reads back exactly these windows."""
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    ids_of = tokenizer.convert_tokens_to_ids
+    turn_ids = {ids_of(t) for t in (BOS, ROLES["system"], ROLES["user"])}
+    assistant, eos, pad = ids_of(ROLES["assistant"]), ids_of(EOS), ids_of(PAD)
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    masks = [packing.assistant_mask(d, assistant, turn_ids, eos) for d in ids]
+    flag = packing.loss_flag(len(tokenizer))
+    windows, stats = packing.pack(ids, masks, window, pad, flag, seed)
+    if not windows:
+        raise ValueError(f"no conversation fits in a window of {window} tokens: raise data.seq_len")
+    if stats["skipped_too_long"]:
+        log.warning(
+            "%d of %d conversations are longer than a window of %d tokens and are left out "
+            "(raise data.seq_len to keep them)",
+            stats["skipped_too_long"],
+            len(docs),
+            window,
+        )
+    dtype = torch.uint16 if flag == 1 << 15 else torch.int32
+    per_chunk = max(1, _CHUNK_TOKENS // window) * window
+    writer = BinaryWriter(str(out), chunk_size=per_chunk, item_loader=TokensLoader())
+    for index, w in enumerate(windows):
+        writer.add_item(index, w.to(dtype))
+    writer.done()
+    writer.merge()
+    return {**stats, "loss_flag": flag}
+
+
 def prepare(
     data_dir: str | os.PathLike,
     corpus_fp: str,
@@ -93,9 +133,15 @@ def prepare(
     tokenizer_dir: str | os.PathLike,
     vocab_size: int,
     documents: Callable[[str], list[str]],
+    window: int | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Write the shards if absent and return the manifest. `documents(split)` gives the texts."""
-    root = shard_dir(data_dir, corpus_fp, tokenizer_fp)
+    """Write the shards if absent and return the manifest. `documents(split)` gives the texts.
+
+    `window=None`: documents concatenated into one token stream per split (loss on every token).
+    `window=W`: whole conversations packed into windows of W tokens, assistant tokens flagged
+    (`data.loss_on=assistant`); the manifest's `loss_flag` tells the reader how to split them."""
+    root = shard_dir(data_dir, corpus_fp, tokenizer_fp, window)
     root.parent.mkdir(parents=True, exist_ok=True)
     sha = tokenizer_sha(tokenizer_dir)
     with FileLock(str(root) + ".lock"):
@@ -112,11 +158,14 @@ def prepare(
                 raise ValueError(f"the corpus has no documents in split {split!r}")
             out = tmp / split
             log.info("tokenizing %d %s documents -> %s", len(docs), split, out)
-            num_tokens = _write_tokens(out, docs, str(tokenizer_dir), dtype)
+            if window is None:
+                packed = {"tokens": _write_tokens(out, docs, str(tokenizer_dir), dtype)}
+            else:
+                packed = _write_packed(out, docs, str(tokenizer_dir), window, seed)
             num_bytes, num_chars = text_size(docs, added)
             splits[split] = {
                 "documents": len(docs),
-                "tokens": num_tokens,
+                **packed,
                 "bytes": num_bytes,
                 "chars": num_chars,
             }
@@ -127,6 +176,8 @@ def prepare(
             "tokenizer_sha256": sha,
             "vocab_size": vocab_size,
             "dtype": str(dtype).removeprefix("torch."),
+            "window": window,
+            "loss_flag": splits["train"].get("loss_flag"),
             "splits": splits,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -63,6 +63,10 @@ class CorpusConfig:
     max_quantity: int = 20  # word problems: item counts and hours
     max_rate: int = 100  # word problems: unit prices, speeds, work rates
     max_coef: int = 12  # a*x + b = c: 2 <= |a| <= max_coef, |x| <= max_coef, |b| <= 10*max_coef
+    # Out of distribution: every number gets exactly one digit more than the knob above allows
+    # (max_digits + 1, max_multiplier_digits + 1), quantities / rates / coefficients are drawn
+    # from (limit, 2 * limit]: nothing a model trained at ood=false has seen (`ood_config`).
+    ood: bool = False
 
     def __post_init__(self) -> None:
         # YAML/Hydra hand over lists; tuples keep the config hashable and the fingerprint stable
@@ -334,10 +338,21 @@ def _build_unit(
 # operands of symmetric problems so that 65 + 478 and 478 + 65 land in the same split.
 
 
-def _number(rng: random.Random, max_digits: int, low: int = 0) -> int:
-    """Pick the digit count uniformly first, so short and long operands are equally common."""
-    k = rng.randint(1, max_digits)
+def _number(rng: random.Random, max_digits: int, low: int = 0, ood: bool = False) -> int:
+    """Pick the digit count uniformly first, so short and long operands are equally common.
+    ood: exactly max_digits + 1 digits."""
+    k = max_digits + 1 if ood else rng.randint(1, max_digits)
     return rng.randint(max(low, 10 ** (k - 1) if k > 1 else 0), 10**k - 1)
+
+
+def _limit(rng: random.Random, low: int, limit: int, ood: bool) -> int:
+    """An integer in [low, limit], or above the limit, in (limit, 2 * limit], out of distribution."""
+    return rng.randint(limit + 1, 2 * limit) if ood else rng.randint(low, limit)
+
+
+def ood_config(config: CorpusConfig) -> CorpusConfig:
+    """The same kinds, languages and sizes with every operand beyond the training limits."""
+    return dataclasses.replace(config, ood=True)
 
 
 def _sorted_key(kind: str, a: int, b: int) -> str:
@@ -345,22 +360,23 @@ def _sorted_key(kind: str, a: int, b: int) -> str:
 
 
 def _sample_add(rng: random.Random, cfg: CorpusConfig) -> Draw:
-    a, b = _number(rng, cfg.max_digits), _number(rng, cfg.max_digits)
+    a, b = _number(rng, cfg.max_digits, ood=cfg.ood), _number(rng, cfg.max_digits, ood=cfg.ood)
     return _sorted_key("add", a, b), partial(_build_add, a, b)
 
 
 def _sample_sub(rng: random.Random, cfg: CorpusConfig) -> Draw:
-    a, b = _number(rng, cfg.max_digits), _number(rng, cfg.max_digits)
+    a, b = _number(rng, cfg.max_digits, ood=cfg.ood), _number(rng, cfg.max_digits, ood=cfg.ood)
     return f"sub:{a}:{b}", partial(_build_sub, a, b)
 
 
 def _sample_mul(rng: random.Random, cfg: CorpusConfig) -> Draw:
-    a, b = _number(rng, cfg.max_digits, low=2), _number(rng, cfg.max_multiplier_digits, low=2)
+    a = _number(rng, cfg.max_digits, low=2, ood=cfg.ood)
+    b = _number(rng, cfg.max_multiplier_digits, low=2, ood=cfg.ood)
     return _sorted_key("mul", a, b), partial(_build_mul, a, b)
 
 
 def _sample_compare(rng: random.Random, cfg: CorpusConfig) -> Draw:
-    a = _number(rng, cfg.max_digits)
+    a = _number(rng, cfg.max_digits, ood=cfg.ood)
     u = rng.random()
     if u < 0.05:
         b = a
@@ -372,22 +388,26 @@ def _sample_compare(rng: random.Random, cfg: CorpusConfig) -> Draw:
         digits[i + 1 :] = [str(rng.randint(0, 9)) for _ in digits[i + 1 :]]
         b = int("".join(digits))
     else:
-        b = _number(rng, cfg.max_digits)
+        b = _number(rng, cfg.max_digits, ood=cfg.ood)
     return _sorted_key("compare", a, b), partial(_build_compare, a, b)
 
 
 def _sample_gcd(rng: random.Random, cfg: CorpusConfig) -> Draw:
     # a common factor g makes the answer non-trivial far more often than two random numbers
-    hi = 10**cfg.max_digits - 1
+    hi = 10 ** (cfg.max_digits + cfg.ood) - 1
     g = rng.randint(1, math.isqrt(hi))
-    m, n = rng.sample(range(1, hi // g + 1), 2)
+    lo = (
+        10**cfg.max_digits // g + 1 if cfg.ood else 1
+    )  # ood: both numbers have max_digits + 1 digits
+    m, n = rng.sample(range(lo, hi // g + 1), 2)
     a, b = g * m, g * n
     return _sorted_key("gcd", a, b), partial(_build_gcd, a, b)
 
 
 def _sample_price(rng: random.Random, cfg: CorpusConfig) -> Draw:
     variant = rng.choice(("total", "change", "unit"))
-    price, qty = rng.randint(1, cfg.max_rate), rng.randint(2, cfg.max_quantity)
+    price = _limit(rng, 1, cfg.max_rate, cfg.ood)
+    qty = _limit(rng, 2, cfg.max_quantity, cfg.ood)
     paid = 0
     if variant == "change":  # pay with the next banknote above the total, sometimes the one after
         notes = [m * 10**e for e in range(12) for m in (1, 2, 5)]
@@ -398,8 +418,9 @@ def _sample_price(rng: random.Random, cfg: CorpusConfig) -> Draw:
 
 def _sample_rate(rng: random.Random, cfg: CorpusConfig) -> Draw:
     variant = rng.choice(("distance", "time", "work"))
-    r1, hours = rng.randint(2, cfg.max_rate), rng.randint(1, cfg.max_quantity)
-    r2 = rng.randint(2, cfg.max_rate) if variant == "work" else 0
+    r1 = _limit(rng, 2, cfg.max_rate, cfg.ood)
+    hours = _limit(rng, 1, cfg.max_quantity, cfg.ood)
+    r2 = _limit(rng, 2, cfg.max_rate, cfg.ood) if variant == "work" else 0
     key_rates = f"{min(r1, r2)}:{max(r1, r2)}" if variant == "work" else f"{r1}:{r2}"
     return f"rate:{variant}:{key_rates}:{hours}", partial(_build_rate, variant, r1, r2, hours)
 
@@ -407,16 +428,21 @@ def _sample_rate(rng: random.Random, cfg: CorpusConfig) -> Draw:
 def _sample_unit(rng: random.Random, cfg: CorpusConfig) -> Draw:
     pair = rng.choice(tuple(UNITS))
     to_small = rng.random() < 0.5
-    big = rng.randint(1, 10 ** max(1, cfg.max_digits - 1) - 1)
+    digits = max(1, cfg.max_digits - 1)
+    big = _number(rng, digits, low=1, ood=True) if cfg.ood else rng.randint(1, 10**digits - 1)
     rest = rng.randint(0, UNITS[pair][0] - 1) if to_small else 0
     direction = "to_small" if to_small else "to_big"
     return f"unit:{pair}:{direction}:{big}:{rest}", partial(_build_unit, pair, to_small, big, rest)
 
 
 def _sample_linear(rng: random.Random, cfg: CorpusConfig) -> Draw:
-    a = rng.choice((-1, 1)) * rng.randint(2, cfg.max_coef)
-    x = rng.randint(-cfg.max_coef, cfg.max_coef)
-    b = rng.randint(-10 * cfg.max_coef, 10 * cfg.max_coef)
+    a = rng.choice((-1, 1)) * _limit(rng, 2, cfg.max_coef, cfg.ood)
+    if cfg.ood:  # |x| and |b| beyond their training limits too
+        x = rng.choice((-1, 1)) * _limit(rng, 0, cfg.max_coef, True)
+        b = rng.choice((-1, 1)) * _limit(rng, 0, 10 * cfg.max_coef, True)
+    else:
+        x = rng.randint(-cfg.max_coef, cfg.max_coef)
+        b = rng.randint(-10 * cfg.max_coef, 10 * cfg.max_coef)
     c = a * x + b
     return f"linear:{a}:{b}:{c}", partial(_build_linear, a, b, c)
 

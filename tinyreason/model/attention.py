@@ -42,14 +42,19 @@ def apply_rope(x_BSHR: torch.Tensor, rope: Rope, *, interleaved: bool) -> torch.
     """
     if interleaved:
         x_BSHR = x_BSHR.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-    cos_S1R, sin_S1R = (t[:, None, :].to(x_BSHR.dtype) for t in rope)
+    # [S, R] tables (one position per column) or [B, S, R] (per-row positions, left-padded batches)
+    cos_S1R, sin_S1R = (t.unsqueeze(-2).to(x_BSHR.dtype) for t in rope)
     x1, x2 = x_BSHR.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x_BSHR * cos_S1R + rotated * sin_S1R
 
 
 def causal_attention(
-    q_BHSQ: torch.Tensor, k_BGTQ: torch.Tensor, v_BGTU: torch.Tensor, scale: float
+    q_BHSQ: torch.Tensor,
+    k_BGTQ: torch.Tensor,
+    v_BGTU: torch.Tensor,
+    scale: float,
+    mask_B1ST: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v -> [B, H, S, U]; head h reads kv head h // (H/G).
 
@@ -59,39 +64,71 @@ def causal_attention(
     unfused math path (which also computes the masked half of q k^T): for MLA (U < Q) v is
     zero-padded to Q and the output sliced back, as HF does for flash-attention. The padded
     columns of the output are exactly zero and only add U..Q to the p v product.
+    An explicit boolean `mask_B1ST` (True = attend; batched decoding with padding) replaces the
+    causal mask: the caller builds causality and key padding into it.
     """
     S, T = q_BHSQ.shape[2], k_BGTQ.shape[2]
     Q, U = q_BHSQ.shape[-1], v_BGTU.shape[-1]
     gqa = q_BHSQ.shape[1] != k_BGTQ.shape[1]
-    mask_ST = None
-    if S != T and S > 1:  # a chunk after cached positions: query i sees keys <= T - S + i
+    mask_ST = mask_B1ST
+    if (
+        mask_ST is None and S != T and S > 1
+    ):  # a chunk after cached positions: query i sees keys <= T - S + i
         mask_ST = torch.ones(S, T, dtype=torch.bool, device=q_BHSQ.device).tril(T - S)
     if U < Q:
         v_BGTU = F.pad(v_BGTU, (0, Q - U))
     o_BHSU = F.scaled_dot_product_attention(
-        q_BHSQ, k_BGTQ, v_BGTU, attn_mask=mask_ST, is_causal=S == T, scale=scale, enable_gqa=gqa
+        q_BHSQ,
+        k_BGTQ,
+        v_BGTU,
+        attn_mask=mask_ST,
+        is_causal=mask_ST is None and S == T,
+        scale=scale,
+        enable_gqa=gqa,
     )
     return o_BHSU[..., :U]
 
 
 class LayerCache:
-    """One layer's cached tensors for incremental decoding, concatenated along dim 1 (positions)."""
+    """One layer's cached tensors for incremental decoding, along dim 1 (positions).
 
-    def __init__(self) -> None:
+    Without `capacity` the tensors grow by concatenation; with it, buffers [B, capacity, ...] are
+    allocated at the first `extend` and written in place (batched sampling: no copy per token).
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.tensors: tuple[torch.Tensor, ...] = ()
+        self._length = 0
 
     @property
     def length(self) -> int:
-        return self.tensors[0].shape[1] if self.tensors else 0
+        return self._length
 
     def extend(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append the new positions; return the tensors of every position so far."""
-        if self.tensors:
-            new = tuple(
-                torch.cat([old, n], dim=1) for old, n in zip(self.tensors, new, strict=True)
+        start, end = self._length, self._length + new[0].shape[1]
+        self._length = end
+        if self.capacity is None:
+            if self.tensors:
+                new = tuple(
+                    torch.cat([old, n], dim=1) for old, n in zip(self.tensors, new, strict=True)
+                )
+            self.tensors = new
+            return new
+        if end > self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        if not self.tensors:
+            self.tensors = tuple(
+                n.new_empty((n.shape[0], self.capacity, *n.shape[2:])) for n in new
             )
-        self.tensors = new
-        return new
+        for buf, n in zip(self.tensors, new, strict=True):
+            buf[:, start:end] = n
+        return tuple(buf[:, :end] for buf in self.tensors)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        self.tensors = tuple(t.index_select(0, rows) for t in self.tensors)
 
 
 class KVCache:
@@ -101,15 +138,20 @@ class KVCache:
     MLA keeps its normalised latent c^KV [B, T, C] and rotated shared key k^R [B, T, 1, R]
     (eqs. 1, 3): the small cache that MLA exists for; K^C and V are expanded from the latent again
     each step (the "naive" form HF computes). GQA keeps rotated keys and values [B, T, G, Q].
+    `capacity` preallocates every layer for that many positions.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, capacity: int | None = None) -> None:
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
 
     @property
     def length(self) -> int:
         """Positions cached, i.e. the position of the next input token."""
         return self.layers[0].length
+
+    def select(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select(rows)
 
 
 class MLA(nn.Module):
@@ -147,7 +189,11 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.num_heads * self.v_dim, d)
 
     def forward(
-        self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
+        self,
+        x_BSD: torch.Tensor,
+        rope: Rope,
+        cache: LayerCache | None = None,
+        mask_B1ST: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, S, D] at the positions of `rope`; with `cache`, after its T - S cached positions."""
         B, S, _ = x_BSD.shape
@@ -170,7 +216,11 @@ class MLA(nn.Module):
         q_BSHQ = torch.cat([q_nope_BSHP, q_rope_BSHR], dim=-1)  # eq. 9
         k_BTHQ = torch.cat([k_nope_BTHP, k_rope_BT1R.expand(B, T, H, R)], dim=-1)  # eq. 4
         o_BHSU = causal_attention(
-            q_BSHQ.transpose(1, 2), k_BTHQ.transpose(1, 2), v_BTHU.transpose(1, 2), self.scale
+            q_BSHQ.transpose(1, 2),
+            k_BTHQ.transpose(1, 2),
+            v_BTHU.transpose(1, 2),
+            self.scale,
+            mask_B1ST,
         )  # eq. 10
         return self.o_proj(o_BHSU.transpose(1, 2).reshape(B, S, H * U))  # eq. 11
 
@@ -196,7 +246,11 @@ class GQA(nn.Module):
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
     def forward(
-        self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
+        self,
+        x_BSD: torch.Tensor,
+        rope: Rope,
+        cache: LayerCache | None = None,
+        mask_B1ST: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, G, Q = self.num_heads, self.num_kv_heads, self.head_dim
@@ -211,7 +265,11 @@ class GQA(nn.Module):
         if cache is not None:
             k_BTGQ, v_BTGQ = cache.extend(k_BSGQ, v_BSGQ)
         o_BHSQ = causal_attention(
-            q_BSHQ.transpose(1, 2), k_BTGQ.transpose(1, 2), v_BTGQ.transpose(1, 2), self.scale
+            q_BSHQ.transpose(1, 2),
+            k_BTGQ.transpose(1, 2),
+            v_BTGQ.transpose(1, 2),
+            self.scale,
+            mask_B1ST,
         )
         return self.o_proj(o_BHSQ.transpose(1, 2).reshape(B, S, H * Q))
 

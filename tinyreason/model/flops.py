@@ -80,6 +80,7 @@ def matmul_flops(
     for torch's `a @ b` and for our `layers.linear` (which takes oneDNN for fp32 on CPU, where
     torch's MKL can be half as fast); the faster of the two."""
     device = torch.device(device)
+    n = _affordable_size(dtype, device, n)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     best = 0.0
@@ -95,6 +96,21 @@ def matmul_flops(
             times.append(clock() - start)
         best = max(best, 2 * n**3 / sorted(times[1:])[reps // 2])
     return best
+
+
+def _affordable_size(dtype: torch.dtype, device: torch.device, n: int) -> int:
+    """n, halved until one matmul takes under ~0.2 s: a CPU without native bf16 (AVX2 only) runs
+    bf16 GEMMs at ~1 GFLOP/s, where 2048^3 would hold the start of a run for minutes."""
+    if device.type != "cpu":
+        return n
+    probe = torch.randn(256, 256, dtype=dtype)
+    probe @ probe  # warm-up
+    start = time.perf_counter()
+    probe @ probe
+    rate = 2 * 256**3 / max(time.perf_counter() - start, 1e-9)
+    while n > 256 and 2 * n**3 / rate > 0.2:
+        n //= 2
+    return n
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:

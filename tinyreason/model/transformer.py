@@ -37,10 +37,14 @@ class Block(nn.Module):
         self.mlp = MoE(config) if use_moe else MLP(d, config.intermediate_size)
 
     def forward(
-        self, x_BSD: torch.Tensor, rope: Rope, cache: LayerCache | None = None
+        self,
+        x_BSD: torch.Tensor,
+        rope: Rope,
+        cache: LayerCache | None = None,
+        mask_B1ST: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (x [B, S, D], balance loss of the MoE FFN, or None for a dense FFN)."""
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, cache)
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, cache, mask_B1ST)
         h_BSD = self.post_attention_layernorm(x_BSD)
         if isinstance(self.mlp, MoE):
             h_BSD, balance = self.mlp(h_BSD)
@@ -96,25 +100,25 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, S] -> logits; with targets [B, S] (targets[t] = token after input_ids[t],
         IGNORE_INDEX to skip) also the losses and the MTP logits. With a KV cache (decoding), the
-        inputs continue the cached positions and are appended to the cache."""
+        inputs continue the cached positions and are appended to the cache.
+
+        Batched decoding of left-padded prompts passes `position_ids` [B, S] (each row's own
+        positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding)."""
         start = 0 if cache is None else cache.length
         _check_inputs(input_ids, targets, self.config.max_seq_len, start)
         if cache is not None and targets is not None:
             raise ValueError("targets and a KV cache do not mix: the cache is for decoding")
-        cos, sin = rope_cos_sin(
-            start + input_ids.shape[1],
-            self.config.rope_dim,
-            self.config.rope_theta,
-            input_ids.device,
-        )
-        rope = (cos[start:], sin[start:])
+        rope = self._rope(start, input_ids, position_ids)
         x_BSD = self.embed_tokens(input_ids)
         balances: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x_BSD, balance = layer(x_BSD, rope, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x_BSD, balance = layer(x_BSD, rope, layer_cache, attn_mask)
             if balance is not None:
                 balances.append(balance)
         h_BSD = self.norm(x_BSD)  # also h^0 of MTP
@@ -133,6 +137,21 @@ class CausalLM(nn.Module):
         if out.ce is not None:
             out.loss = out.ce + self.config.mtp.loss_weight * out.mtp + out.balance
         return out
+
+    def _rope(self, start: int, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> Rope:
+        """cos/sin [S, R] for positions start..start+S-1, or [B, S, R] gathered at position_ids."""
+        c = self.config
+        if position_ids is None:
+            cos, sin = rope_cos_sin(
+                start + input_ids.shape[1], c.rope_dim, c.rope_theta, input_ids.device
+            )
+            return cos[start:], sin[start:]
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        cos, sin = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, input_ids.device)
+        return cos[position_ids], sin[position_ids]
 
     def _mtp_logits(
         self, input_ids: torch.Tensor, h_BSD: torch.Tensor, rope: Rope, balances: list[torch.Tensor]

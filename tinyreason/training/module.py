@@ -12,15 +12,25 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from tinyreason.data.packing import split_flags
 from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.model.transformer import IGNORE_INDEX
 from tinyreason.training.metrics import BitsPerByte
 from tinyreason.training.optim import OptimConfig, build_optimizer
 from tinyreason.training.precision import PrecisionConfig, apply_precision
 
 
 class LitCausalLM(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, precision: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        precision: dict | None = None,
+        loss_flag: int | None = None,
+    ) -> None:
         super().__init__()
+        # data.loss_on=assistant: the shards flag supervised tokens by adding this bit (packing.py)
+        self.loss_flag = loss_flag
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(model)
         self.optim_config = OptimConfig(**optim)
@@ -49,9 +59,17 @@ class LitCausalLM(L.LightningModule):
         batch = trainer.datamodule.batch_size * trainer.datamodule.seq_len
         return batch * trainer.world_size * trainer.accumulate_grad_batches
 
+    def _inputs_targets(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window [B, S+1] -> inputs [B, S], targets [B, S] (IGNORE_INDEX where not supervised)."""
+        ids, supervised = split_flags(batch, self.loss_flag)
+        targets = ids[:, 1:]
+        if supervised is not None:
+            targets = targets.masked_fill(~supervised[:, 1:], IGNORE_INDEX)
+        return ids[:, :-1], targets
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        batch = batch.long()
-        out = self.model(batch[:, :-1], batch[:, 1:])
+        inputs, targets = self._inputs_targets(batch)
+        out = self.model(inputs, targets)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({"train/ce": out.ce, "train/mtp": out.mtp, "train/balance": out.balance})
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
@@ -59,12 +77,15 @@ class LitCausalLM(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        batch = batch.long()
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = self._inputs_targets(batch)
         out = self.model(inputs, targets)
         logits = out.logits.float()
-        nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        self.val_bpb.update(nats, self.token_bytes[targets].flatten())
+        nats = F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+        )
+        counted = targets != IGNORE_INDEX  # ignored targets count no bytes
+        token_bytes = torch.where(counted, self.token_bytes[targets.clamp(min=0)], 0)
+        self.val_bpb.update(nats, token_bytes.flatten())
         self.val_ppl.update(logits, targets)
         self.log("val/loss", out.ce, sync_dist=True)
 

@@ -1,0 +1,38 @@
+"""Greedy exact match on held-out problems at every validation: `val/exact_match` beside `val/bpb`.
+
+The problems are fixed for the run (the first `eval.during_training.num_problems` of a held-out
+split, balanced over kinds), answered with the batched sampler in fp32 (autocast off, as the
+exported weights run), so the curve is comparable across steps and with `tinyreason.evaluate`.
+Every rank generates the same problems with the same weights: no collective runs inside, so
+DDP ranks cannot deadlock, and each logs the same value.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from tinyreason.evaluation import EvalOptions, Item, evaluate_items
+
+
+class ExactMatch(L.Callback):
+    def __init__(self, items: list[Item], tokenizer, options: EvalOptions) -> None:
+        self.items = items
+        self.tokenizer = tokenizer
+        self.options = options
+        self.last: dict | None = None  # the latest report (train() prints it)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.items:
+            return
+        model = pl_module.model
+        was_training = model.training
+        with torch.no_grad(), torch.autocast(model.lm_head.weight.device.type, enabled=False):
+            report, _ = evaluate_items(model, self.tokenizer, self.items, self.options)
+        model.train(was_training)
+        self.last = report
+        metrics = {"val/exact_match": report["exact_match"]}
+        metrics |= {f"val/exact_match_{k}": v for k, v in report["by_kind"].items()}
+        metrics["val/no_answer"] = report["no_answer"]
+        for name, value in metrics.items():
+            pl_module.log(name, value, prog_bar=name == "val/exact_match", sync_dist=False)
