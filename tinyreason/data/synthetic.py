@@ -33,7 +33,7 @@ LANGS = ("en", "zh")
 SPLITS = ("train", "validation", "test")
 # Bump whenever a sampler or a template (templates.py) changes: cached corpora are keyed by
 # fingerprint().
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: column working for every multi-digit +, -, × (`_working`)
 # Candidates drawn for one slot before giving up; a split keeps ~5-90% of keys, so this only
 # trips when the problem space is exhausted (tiny difficulty knobs, huge split sizes).
 _MAX_TRIES = 2000
@@ -140,17 +140,19 @@ def _paren(n: int) -> str:
 
 def _word(lang: str, template: str, answer: int, **fields: object) -> Solution:
     question, *steps = (t.format(answer=answer, **fields) for t in WORD[lang][template])
-    return question, steps, str(answer)
+    worked = [line for step in steps[:-1] for line in (*_working(step, lang), step)]
+    return question, [*worked, steps[-1]], str(answer)
 
 
 # ---------------------------------------------------------------------------------------------
 # Arithmetic with written-out columns
 
 
-def _build_add(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+def _add_columns(a: int, b: int, lang: str) -> list[str]:
+    """Column addition a + b (a, b >= 0) from the units, one line per column."""
     t, places = TEXT[lang], PLACES[lang]
     da, db = _digits(a), _digits(b)
-    steps = [t["add.intro"]]
+    steps = []
     carry, width = 0, max(len(da), len(db))
     for i in range(width):
         col = [d[i] for d in (da, db) if i < len(d)]
@@ -164,8 +166,82 @@ def _build_add(a: int, b: int, lang: str, rng: random.Random) -> Solution:
         steps.append(line + (t["add.carry"] if carry else ""))
     if carry:
         steps.append(t["add.last"].format(place=places[width]))
+    return steps
+
+
+def _build_add(a: int, b: int, lang: str, rng: random.Random) -> Solution:
+    t = TEXT[lang]
+    steps = [t["add.intro"], *_add_columns(a, b, lang)]
     steps.append(t["so"].format(fact=f"{a} + {b} = {a + b}"))
     return t[rng.choice(("add.q", "add.q2"))].format(a=a, b=b), steps, str(a + b)
+
+
+def _mul_digit_columns(a: int, d: int, lang: str) -> list[str]:
+    """a × d (one digit) from the units, one line per digit of a; the last writes all it has."""
+    t, places = TEXT[lang], PLACES[lang]
+    lines, carry = [t["mul.by"].format(a=a, d=d)], 0
+    digits = _digits(a)
+    for i, x in enumerate(digits):
+        total = x * d + carry
+        expr = f"{x} × {d}" + (t["mul.carried"].format(c=carry) if carry else "")
+        last = i == len(digits) - 1
+        digit = total if last else total % 10
+        carry = 0 if last else total // 10
+        line = t["mul.col"].format(place=places[i], expr=expr, total=total, digit=digit)
+        lines.append(line + (t["mul.carry"].format(c=carry) if carry else ""))
+    return lines
+
+
+def _long_multiplication(a: int, b: int, lang: str) -> list[str]:
+    """Working for a × b (a, b >= 2): b's digits one by one, then the partial products added."""
+    t = TEXT[lang]
+    if b < 10:
+        return _mul_digit_columns(a, b, lang)
+    lines = [t["mul.partial"].format(a=a, b=b)]
+    partials = []
+    for k, d in enumerate(_digits(b)):
+        if d == 0:
+            continue
+        if d > 1:
+            lines += _mul_digit_columns(a, d, lang)
+        fact = f"{a} × {d} = {a * d}"
+        if k:
+            left = f"{a} × {d * 10**k}"
+            lines.append(t["mul.shift"].format(fact=fact, left=left, product=a * d * 10**k))
+        else:
+            lines.append(fact)
+        partials.append(a * d * 10**k)
+    total = partials[0]
+    for p in partials[1:]:
+        lines.append(t["add.sum"].format(a=total, b=p))
+        lines += _add_columns(total, p, lang)
+        lines.append(f"{total} + {p} = {total + p}")
+        total += p
+    return lines
+
+
+_FACT = re.compile(r"(?<![\d.(-])(\d+) ([×+-]) (\d+) = (-?\d+)(?![\d.])")
+
+
+def _working(step: str, lang: str) -> list[str]:
+    """The column working that derives the multi-digit +, -, × facts written in a step, so that
+    every line of a solution is one digit-level operation or a copy (none done "in the head").
+    Facts that do not hold as written (parts of longer expressions) are left alone; × by 10^k is
+    a shift and needs no working."""
+    t, lines = TEXT[lang], []
+    for a, op, b, c in _FACT.findall(step):
+        a, b, c = int(a), int(b), int(c)
+        if op == "+" and a + b == c and min(a, b) >= 10:
+            lines += [t["add.sum"].format(a=a, b=b), *_add_columns(a, b, lang)]
+        elif op == "-" and a - b == c and min(a, b) >= 10:  # a < b: the working of b - a
+            top, bottom = max(a, b), min(a, b)
+            lines += [t["sub.diff"].format(a=top, b=bottom), *_sub_columns(top, bottom, lang)]
+        elif op == "×" and a * b == c and min(a, b) >= 2 and max(a, b) >= 10:
+            if "1" in (str(a).rstrip("0"), str(b).rstrip("0")):
+                continue  # × 10, × 100, × 1000: a shift
+            big, small = (a, b) if len(str(a)) >= len(str(b)) else (b, a)
+            lines += _long_multiplication(big, small, lang)
+    return lines
 
 
 def _sub_columns(top: int, bottom: int, lang: str) -> list[str]:
@@ -218,16 +294,30 @@ def _build_mul(a: int, b: int, lang: str, rng: random.Random) -> Solution:
         steps.append(t["mul.split"].format(n=split, parts=" + ".join(map(str, parts))))
     for part in parts:
         if split == a:
-            steps.append(f"{part} × {b} = {part * b}")
+            if b > 1 and part >= 10 and str(part).rstrip("0") != "1":
+                lead = int(str(part)[0])  # 4000 × 7: 4 × 7, then shift
+                steps.append(
+                    t["mul.shift"].format(
+                        fact=f"{lead} × {b} = {lead * b}", left=f"{part} × {b}", product=part * b
+                    )
+                )
+            else:
+                steps.append(f"{part} × {b} = {part * b}")
         elif part < 10:
+            steps += _mul_digit_columns(a, part, lang) if part > 1 else []
             steps.append(f"{a} × {part} = {a * part}")
         else:  # a × 30: a × 3, then shift one place
             digit = int(str(part)[0])
+            steps += _mul_digit_columns(a, digit, lang) if digit > 1 else []
             fact = f"{a} × {digit} = {a * digit}"
             steps.append(t["mul.shift"].format(fact=fact, left=f"{a} × {part}", product=a * part))
-    if len(parts) > 1:
-        products = " + ".join(str(part * other) for part in parts)
-        steps.append(t["mul.add"].format(fact=f"{products} = {a * b}"))
+    products = [part * other for part in parts]
+    total = products[0]
+    for p in products[1:]:  # the partial products, added column by column
+        steps.append(t["add.sum"].format(a=total, b=p))
+        steps += _add_columns(total, p, lang)
+        steps.append(f"{total} + {p} = {total + p}")
+        total += p
     steps.append(t["so"].format(fact=f"{a} × {b} = {a * b}"))
     return t[rng.choice(("mul.q", "mul.q2"))].format(a=a, b=b), steps, str(a * b)
 

@@ -209,10 +209,13 @@ class MLA(nn.Module):
         c_BTC, k_rope_BT1R = c_BSC, k_rope_BS1R
         if cache is not None:
             c_BTC, k_rope_BT1R = cache.extend(c_BSC, k_rope_BS1R)
+        q_rope_BSHR = apply_rope(q_rope_BSHR, rope, interleaved=True)  # eq. 8
+        if cache is not None and S == 1:  # one decoding step: attend in the latent space
+            o_BSHU = self._absorbed(q_nope_BSHP, q_rope_BSHR, c_BTC, k_rope_BT1R, mask_B1ST)
+            return self.o_proj(o_BSHU.reshape(B, S, H * U))
         T = c_BTC.shape[1]
         k_nope_BTHP, v_BTHU = self.kv_b_proj(c_BTC).view(B, T, H, P + U).split([P, U], dim=-1)
 
-        q_rope_BSHR = apply_rope(q_rope_BSHR, rope, interleaved=True)  # eq. 8
         q_BSHQ = torch.cat([q_nope_BSHP, q_rope_BSHR], dim=-1)  # eq. 9
         k_BTHQ = torch.cat([k_nope_BTHP, k_rope_BT1R.expand(B, T, H, R)], dim=-1)  # eq. 4
         o_BHSU = causal_attention(
@@ -223,6 +226,30 @@ class MLA(nn.Module):
             mask_B1ST,
         )  # eq. 10
         return self.o_proj(o_BHSU.transpose(1, 2).reshape(B, S, H * U))  # eq. 11
+
+    def _absorbed(
+        self,
+        q_nope_BSHP: torch.Tensor,
+        q_rope_BSHR: torch.Tensor,
+        c_BTC: torch.Tensor,
+        k_rope_BT1R: torch.Tensor,
+        mask_B1ST: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention over the cached latent without expanding it (DeepSeek-V2 §2.1.2's absorbed
+        form): q_nope . (W_UK c) = (W_UK^T q_nope) . c and sum_t p_t (W_UV c_t) = W_UV sum_t p_t c_t,
+        so a decoding step costs O(T C) per head instead of recomputing K and V for all T
+        positions. The same function as the expanded form, up to float summation order."""
+        H, P, U = self.num_heads, self.nope_dim, self.v_dim
+        w_HXC = self.kv_b_proj.weight.view(H, P + U, self.kv_lora_rank)
+        w_uk_HPC, w_uv_HUC = w_HXC.split([P, U], dim=1)
+        q_lat_BSHC = torch.einsum("bshp,hpc->bshc", q_nope_BSHP, w_uk_HPC)
+        q_BHSX = torch.cat([q_lat_BSHC, q_rope_BSHR], dim=-1).transpose(1, 2)
+        k_B1TX = torch.cat([c_BTC, k_rope_BT1R[:, :, 0]], dim=-1)[:, None]
+        scores_BHST = (q_BHSX @ k_B1TX.transpose(-1, -2)) * self.scale
+        if mask_B1ST is not None:
+            scores_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf"))
+        o_lat_BHSC = scores_BHST.float().softmax(dim=-1).to(c_BTC.dtype) @ c_BTC[:, None]
+        return torch.einsum("bhsc,huc->bshu", o_lat_BHSC, w_uv_HUC)
 
 
 class GQA(nn.Module):

@@ -9,6 +9,8 @@ DDP ranks cannot deadlock, and each logs the same value.
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 
@@ -21,6 +23,11 @@ class ExactMatch(L.Callback):
         self.tokenizer = tokenizer
         self.options = options
         self.last: dict | None = None  # the latest report (train() prints it)
+        self._start = time.perf_counter()  # wall clock of the run, for exact match vs time
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.items:
@@ -34,5 +41,6 @@ class ExactMatch(L.Callback):
         metrics = {"val/exact_match": report["exact_match"]}
         metrics |= {f"val/exact_match_{k}": v for k, v in report["by_kind"].items()}
         metrics["val/no_answer"] = report["no_answer"]
+        metrics["time/seconds"] = time.perf_counter() - self._start  # since fit began, evals included
         for name, value in metrics.items():
             pl_module.log(name, value, prog_bar=name == "val/exact_match", sync_dist=False)
