@@ -603,6 +603,7 @@ def test_evaluate_cli_on_an_hf_export_of_the_overfit_model(overfit, tmp_path):
     assert [x["completion"] for x in lines[8:]] == [solution(p) for p in seen]
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,

@@ -16,7 +16,8 @@ machine absolute speeds are noise; quote the ratio). Outputs are compared row by
 mismatch is printed. The ceiling: new tokens/s if every forward FLOP (`flops_per_token / 3` at the
 mean context) ran at the fp32 matmul rate measured here (`flops.matmul_flops`). One decode step of
 ours (no eos: the batch stays full) is timed at batch 1 and at the largest batch, with the number
-of aten ops it dispatches: what bounds ours.
+of aten ops it dispatches: what bounds ours. On a machine others load, pass `--threads 1`: torch's
+OpenMP threads spin-wait for descheduled peers, which makes multi-thread timings 10x slower, noise.
 """
 
 from __future__ import annotations

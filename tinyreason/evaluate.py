@@ -66,12 +66,19 @@ def corpus_config(run_dir: Path | None, overrides: dict) -> synthetic.CorpusConf
     return dataclass_from_dict(synthetic.CorpusConfig, {**base, **overrides}, "corpus")
 
 
+def file_set_name(path: str) -> str:
+    """A file's name in reports: its stem, or <folder>_<stem> when the stem is a split's name
+    (gsm8k/test.jsonl -> gsm8k_test)."""
+    p = Path(path)
+    return f"{p.parent.name}_{p.stem}" if p.stem in CORPUS_SPLITS else p.stem
+
+
 def eval_sets(cfg_eval: DictConfig, corpus: synthetic.CorpusConfig) -> dict[str, list]:
     """Every requested split and file, built (and so checked) before any generation."""
     sets = {}
     for split in cfg_eval.splits:
         if str(split).endswith(".jsonl"):
-            sets[Path(split).stem] = file_items(split)
+            sets[file_set_name(split)] = file_items(split)[: cfg_eval.num_problems]
         elif split not in CORPUS_SPLITS:
             raise ValueError(
                 f"eval.splits: {split!r} is not one of {list(CORPUS_SPLITS)} (files go in eval.files)"
@@ -79,7 +86,7 @@ def eval_sets(cfg_eval: DictConfig, corpus: synthetic.CorpusConfig) -> dict[str,
         else:
             sets[split] = corpus_items(corpus, split, cfg_eval.num_problems)
     for path in cfg_eval.files:
-        sets[Path(path).stem] = file_items(path)
+        sets[file_set_name(path)] = file_items(path)[: cfg_eval.num_problems]
     if not sets:
         raise ValueError("nothing to evaluate: eval.splits and eval.files are both empty")
     return sets

@@ -98,6 +98,7 @@ def file_items(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise ValueError(f"eval file {path} does not exist")
     items = []
+    kind = f"{path.parent.name}_{path.stem}" if path.stem in CORPUS_SPLITS else path.stem
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -117,7 +118,7 @@ def file_items(path: str | Path) -> list[Item]:
         gold = gold_answer(record["answer"])
         check = lambda c, gold=gold: answers_equal(synthetic.parse_answer(c), gold)
         lang = language_of(record["question"])
-        items.append(Item(record["question"], gold, path.stem, lang, check))
+        items.append(Item(record["question"], gold, kind, lang, check))
     if not items:
         raise ValueError(f"eval file {path} holds no records")
     return items

@@ -79,16 +79,19 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
 
 def _sets(corpus: synthetic.CorpusConfig, eval_cfg: Mapping) -> dict[str, tuple[str, list[Item]]]:
     """name -> (check rule, items): the corpus splits, then the files (as `evaluate.eval_sets`)."""
+    from tinyreason.evaluate import file_set_name
+
+    limit = eval_cfg.get("num_problems")
     sets: dict[str, tuple[str, list[Item]]] = {}
     for split in eval_cfg.get("splits", []):
         if str(split).endswith(".jsonl"):
-            sets[Path(split).stem] = ("file", file_items(split))
+            sets[file_set_name(split)] = ("file", file_items(split)[:limit])
         elif split not in CORPUS_SPLITS:
             raise ValueError(f"eval.splits: {split!r} is not one of {list(CORPUS_SPLITS)}")
         else:
-            sets[str(split)] = ("corpus", corpus_items(corpus, split, eval_cfg.get("num_problems")))
+            sets[str(split)] = ("corpus", corpus_items(corpus, split, limit))
     for path in eval_cfg.get("files", []):
-        sets[Path(path).stem] = ("file", file_items(path))
+        sets[file_set_name(path)] = ("file", file_items(path)[:limit])
     if not sets:
         raise ValueError("nothing to export: eval.splits and eval.files are both empty")
     return sets

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tinyreason.model.flops import peak_flops
+from tinyreason.model.flops import active_params_per_token, peak_flops
 from tinyreason.model.moe import MoE, load_stats
 
 
@@ -155,6 +155,14 @@ class Throughput(L.Callback):
             f"MFU against {self._peak / 1e12:.3g} TFLOP/s ({dtype}, {pl_module.device.type}); "
             f"{self._flops_per_token / 1e6:.3g} MFLOP per token"
         )
+        model = pl_module.model
+        sizes = {  # what a compute-matched comparison (dense vs MoE) reads
+            "model/params": float(model.num_params()),
+            "model/active_params": float(active_params_per_token(model)),
+            "model/flops_per_token": float(self._flops_per_token),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(sizes, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()

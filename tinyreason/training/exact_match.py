@@ -30,7 +30,9 @@ class ExactMatch(L.Callback):
             self._start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self.items:
+        # Step 0 is skipped: an untrained model writes max_new_tokens of noise for every problem
+        # (the most expensive evaluation of the run) to score the 0 it scores by construction.
+        if trainer.sanity_checking or not self.items or trainer.global_step == 0:
             return
         model = pl_module.model
         was_training = model.training
@@ -41,6 +43,8 @@ class ExactMatch(L.Callback):
         metrics = {"val/exact_match": report["exact_match"]}
         metrics |= {f"val/exact_match_{k}": v for k, v in report["by_kind"].items()}
         metrics["val/no_answer"] = report["no_answer"]
-        metrics["time/seconds"] = time.perf_counter() - self._start  # since fit began, evals included
+        metrics["time/seconds"] = (
+            time.perf_counter() - self._start
+        )  # since fit began, evals included
         for name, value in metrics.items():
             pl_module.log(name, value, prog_bar=name == "val/exact_match", sync_dist=False)
