@@ -245,7 +245,8 @@ def test_rmsnorm_matches_the_written_out_formula(dtype: torch.dtype, autocast: b
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def _eager_attention(q_BHSQ, k_BGSQ, v_BGSU, scale):
+def _eager_attention(q_BHSQ, k_BGSQ, v_BGSU, scale, mask_B1ST=None):
+    assert mask_B1ST is None, "the reference covers the causal case only"
     H, G, S = q_BHSQ.shape[1], k_BGSQ.shape[1], q_BHSQ.shape[2]
     k_BHSQ = k_BGSQ.repeat_interleave(H // G, dim=1)
     v_BHSU = v_BGSU.repeat_interleave(H // G, dim=1)
