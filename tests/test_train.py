@@ -78,7 +78,7 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert len(bpb) == 3  # step 0, 5, 10
     assert bpb[-1] < bpb[0], "ten steps on a tiny corpus must lower val/bpb"
-    assert metrics["tokens"] == 10 * 4 * 64
+    assert metrics["tokens"] == 10 * 2 * 256
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 10
     assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values()), "plain tensors only"
@@ -97,8 +97,9 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
     "data",
     [
         (),  # 10 steps inside one epoch
-        # ~7 batches per epoch: the resumed half crosses into the second epoch (reshuffled)
-        ("data.corpus.num_train=60", "data.batch_size=16"),
+        # ~5 batches of packed conversations per epoch: the resumed half crosses into the
+        # second epoch (reshuffled)
+        ("data.corpus.num_train=60", "data.batch_size=4"),
     ],
     ids=["one_epoch", "across_epochs"],
 )
@@ -112,10 +113,10 @@ def test_resume_continues_steps_and_data_position(make_cfg, tmp_path, data):
     train(make_cfg(*base, "trainer.max_steps=5", run_dir=run), callbacks=[first])
     metrics = train(make_cfg(*base, "ckpt_path=last", run_dir=run), callbacks=[second])
 
-    batch = 16 if data else 4
+    batch = 4 if data else 2
     assert len(first.seen) == len(second.seen) == 5 * batch
     assert first.seen + second.seen == full.seen, "resume must neither repeat nor skip a window"
-    assert metrics["tokens"] == 10 * batch * 64
+    assert metrics["tokens"] == 10 * batch * 256
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 10
 
@@ -164,7 +165,7 @@ def test_two_process_ddp_run_from_the_command_line(cache_dir, tmp_path):
     assert ckpt["global_step"] == 10
     rows = read_csv(run)
     tokens = [float(r["tokens"]) for r in rows if r.get("tokens")]
-    assert tokens[-1] == 10 * 4 * 64 * 2  # steps x batch x window x ranks
+    assert tokens[-1] == 10 * 2 * 256 * 2  # steps x batch x window x ranks
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert bpb[-1] < bpb[0]
     assert (run / "hf" / "config.json").is_file()

@@ -32,7 +32,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def tokenizers():
     return {
-        "bpe": tk.train_bpe(iter(TRAIN), tk.TokenizerConfig(vocab_size=300)),
+        "bpe": tk.train_bpe(iter(TRAIN), tk.TokenizerConfig(vocab_size=300, digits="individual")),
         "cl100k": tk.from_tiktoken(*tk.tiktoken_source(tk.TokenizerConfig(kind="cl100k"))),
     }
 

@@ -270,9 +270,14 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        seconds = time.perf_counter() - start
+        # exact match of the final weights, logged while the W&B run is still open
+        final = final_evaluation(cfg, module, data.tokenizer, trainer, run_dir)
+        for logger in trainer.loggers:
+            if final:
+                logger.log_metrics(final, step=trainer.global_step)
     finally:
         _finish_wandb(trainer)
-    seconds = time.perf_counter() - start
     if cfg.export.hf and trainer.is_global_zero:  # the final weights, as last.ckpt holds them
         export_model(
             module.model,
@@ -287,10 +292,6 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
     metrics.update(data_stats)
     if first is not None:
         metrics["val/bpb_first"] = first
-    final = final_evaluation(cfg, module, data.tokenizer, trainer, run_dir)
-    for logger in trainer.loggers:
-        if final:
-            logger.log_metrics(final, step=trainer.global_step)
     metrics.update(final)
     log.info(
         "done: %d steps, %.0f tokens/s over fit, val/bpb %s -> %.4f%s; run dir %s",
