@@ -48,8 +48,8 @@ def test_notebook_rebuilds_table_and_plot_from_a_tiny_sweep(cache_dir, tmp_path,
         assert float(row["bpb_final"]) == pytest.approx(logged[-1]), vocab
         # a fixed budget of bytes: each run read about budget.train_bytes of text
         assert 3000 < int(row["train_bytes"]) < 12000, vocab
-    assert int(rows["cl100k"]["steps"]) < int(rows["bpe_1k"]["steps"]), (
-        "more bytes/token, fewer steps"
-    )
+    # a fixed byte budget: the vocabulary that packs more bytes into a token takes no more steps
+    denser, sparser = sorted(rows.values(), key=lambda r: -float(r["bytes_per_token"]))
+    assert int(denser["steps"]) <= int(sparser["steps"]), "more bytes/token, no more steps"
     assert (out / "vocab_scaling.png").stat().st_size > 10_000
     assert "| reasoning | bpe_1k | 1,024 |" in (out / "results.md").read_text()
