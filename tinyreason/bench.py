@@ -43,9 +43,9 @@ HF_EXPERTS = ("grouped_mm", "batched_mm", "eager")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def bench_config(overrides: list[str]) -> tuple[ModelConfig, int, int]:
-    """The composed training config's model (MTP off; the vocabulary of its tokenizer, trained
-    and cached as by `tinyreason.prepare` if needed), batch size and sequence length."""
+def compose_model(overrides: list[str]):
+    """(model config with MTP off, tokenizer, composed training config): the vocabulary is the
+    config's tokenizer's, trained and cached as by `tinyreason.prepare` if needed."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -61,7 +61,14 @@ def bench_config(overrides: list[str]) -> tuple[ModelConfig, int, int]:
         tokenizer_config(cfg), cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
     )
     model = ModelConfig.from_dict(model_dict(cfg, tokenizers.model_vocab_size(tokenizer)))
-    return dataclasses.replace(model, mtp=MTPConfig(depth=0)), cfg.data.batch_size, cfg.data.seq_len
+    return dataclasses.replace(model, mtp=MTPConfig(depth=0)), tokenizer, cfg
+
+
+def bench_config(overrides: list[str]) -> tuple[ModelConfig, int, int]:
+    """The composed training config's model (MTP off; the vocabulary of its tokenizer, trained
+    and cached as by `tinyreason.prepare` if needed), batch size and sequence length."""
+    model, _, cfg = compose_model(overrides)
+    return model, cfg.data.batch_size, cfg.data.seq_len
 
 
 def build_models(config: ModelConfig) -> tuple[CausalLM, nn.Module]:

@@ -23,17 +23,16 @@ OpenMP threads spin-wait for descheduled peers, which makes multi-thread timings
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
-from tinyreason.bench import CLOCKS, CONF
+from tinyreason.bench import CLOCKS, compose_model
 from tinyreason.export import export_model, without_mtp
 from tinyreason.generate import load_model
-from tinyreason.model import CausalLM, ModelConfig, MTPConfig
+from tinyreason.model import CausalLM
 from tinyreason.model.flops import flops_per_token, matmul_flops
 from tinyreason.model.hf import is_hf_folder
 from tinyreason.sampling import SamplingConfig, sample
@@ -43,24 +42,9 @@ WHO = ("ours", "theirs")
 
 def random_export(overrides: list[str], out: Path) -> Path:
     """A randomly initialised model of the training config (MTP off), exported with its tokenizer."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from tinyreason import tokenizers
-    from tinyreason.data.sources import build_corpus
-    from tinyreason.prepare import tokenizer_config
-    from tinyreason.train import model_dict
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
-    tokenizer, _ = tokenizers.load_or_train(
-        tokenizer_config(cfg), cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
-    )
-    config = ModelConfig.from_dict(model_dict(cfg, tokenizers.model_vocab_size(tokenizer)))
+    config, tokenizer, _ = compose_model(overrides)
     torch.manual_seed(0)
-    model = CausalLM(dataclasses.replace(config, mtp=MTPConfig(depth=0)))
-    return export_model(model, tokenizer, out)
+    return export_model(CausalLM(config), tokenizer, out)
 
 
 def hf_folder(ckpt: str, tmp: Path) -> Path:

@@ -14,6 +14,7 @@ completion length and tokens/s; with `num_samples > 1` also pass@k by the unbias
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyreason.data import synthetic
 from tinyreason.data.sources import language_of
+from tinyreason.generate import prompt_ids
 from tinyreason.model import CausalLM
 from tinyreason.sampling import SamplingConfig, sample
 
@@ -59,8 +61,6 @@ def corpus_items(
 
 
 def _with_size(config: synthetic.CorpusConfig, split: str, n: int) -> synthetic.CorpusConfig:
-    import dataclasses
-
     key = {"test": "num_test", "validation": "num_val"}[split]
     return dataclasses.replace(config, **{key: min(n, getattr(config, key))})
 
@@ -162,10 +162,8 @@ class EvalOptions:
 
 
 def _prompt(tokenizer: PreTrainedTokenizerFast, question: str) -> list[int]:
-    messages = [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    """The chat template with a generation prompt, as `tinyreason.generate` renders it."""
+    return prompt_ids(tokenizer, question, chat=True)[0].tolist()
 
 
 def complete(
