@@ -7,8 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("model", "precision", "tokenizer", "data", "trainer", "logger", "debug")
+from tinyreason.compose import CONF_DIR as CONF
+
+GROUPS = ("stage", "model", "precision", "tokenizer", "data", "trainer", "logger", "debug")
 
 
 def run_train_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -21,6 +22,15 @@ def run_train_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.Comple
         env={**os.environ, "WANDB_MODE": "offline"},
         **kwargs,
     )
+
+
+def prepare(cfg: DictConfig):
+    """The tokenizer and shards a run of `cfg` trains on (`PreparedData`)."""
+    from tinyreason.data.prepare import prepare_data
+    from tinyreason.training.run_config import RunConfig
+
+    run = RunConfig.from_hydra(cfg)
+    return prepare_data(run.data.corpus, run.tokenizer, run.cache_dir, run.data.window)
 
 
 def group_options(group: str) -> list[str]:

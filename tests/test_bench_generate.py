@@ -8,10 +8,10 @@ import dataclasses
 
 import torch
 
-from tinyreason.bench_generate import bench_generate, report
-from tinyreason.export import export_model
+from tinyreason.bench.generate import bench_generate, report
+from tinyreason.checkpoints import export_model
 from tinyreason.model import CausalLM, debug_config
-from tinyreason.tokenizers import TokenizerConfig, chat_document, train_bpe
+from tinyreason.tokenizer import TokenizerConfig, chat_document, train_bpe
 
 
 def test_ours_and_transformers_generate_identical_tokens(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 from conftest import GROUPS, group_options, run_train_cli
 
-from tinyreason.train import validate_config
+from tinyreason.training.run_config import RunConfig
 
 
 @pytest.mark.parametrize(
@@ -21,15 +21,19 @@ def test_every_option_composes_and_validates(make_cfg, override):
         "trainer": cfg.trainer.accelerator,
         "logger": cfg.logger.name,
         "debug": "fast" if cfg.trainer.max_steps <= 20 else None,
+        "stage": cfg.stage.name,
     }[group]
-    assert chosen == option
-    validate_config(cfg)
+    # precision=fp8_rowwise / fp8_rowwise_with_gw_hp: fp8 with that recipe
+    assert chosen == option or (
+        group == "precision" and option == f"{chosen}_{cfg.precision.recipe}"
+    )
+    RunConfig.from_hydra(cfg)
 
 
 @pytest.mark.parametrize("model", group_options("model"))
 @pytest.mark.parametrize("precision", group_options("precision"))
 def test_model_precision_grid_validates_under_debug(make_cfg, model, precision):
-    validate_config(make_cfg(f"model={model}", f"precision={precision}", "debug=fast"))
+    RunConfig.from_hydra(make_cfg(f"model={model}", f"precision={precision}", "debug=fast"))
 
 
 def test_unknown_group_option_lists_allowed_values():
@@ -64,7 +68,7 @@ def test_inconsistent_values_raise_valueerror_naming_the_field(make_cfg, overrid
     model = "model=dense" if "attention.num_heads" in override else "model=moe"
     cfg = make_cfg(model, override)
     with pytest.raises(ValueError, match=field):
-        validate_config(cfg)
+        RunConfig.from_hydra(cfg)
 
 
 def test_model_vocab_is_never_typed(make_cfg):
@@ -74,16 +78,47 @@ def test_model_vocab_is_never_typed(make_cfg):
     with open_dict(cfg):
         cfg.model.vocab_size = 1000
     with pytest.raises(ValueError, match="vocab_size"):
-        validate_config(cfg)
+        RunConfig.from_hydra(cfg)
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_every_point_of_every_experiment_sweep_validates(make_cfg, experiment):
-    from conftest import CONF
+    """Every job of the experiment's grid and of its README's other sweeps (test_experiments)."""
+    from test_experiments import README_SWEEPS, sweep_jobs
+
+    jobs = [
+        job for cli in README_SWEEPS.get(experiment, [[]]) for job in sweep_jobs(experiment, cli)
+    ]
+    assert jobs, f"experiment {experiment} sweeps nothing"
+    for job in jobs:
+        RunConfig.from_hydra(make_cfg(*job))
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_debug_fast_composes_with_every_data_option(make_cfg, data):
+    run = RunConfig.from_hydra(make_cfg("debug=fast", f"data={data}"))
+    assert run.data.name == data and run.trainer.max_steps == 10 and run.data.seq_len == 256
+
+
+def test_the_run_config_does_not_edit_the_hydra_config(make_cfg, tmp_path):
+    """A Hugging Face start takes its architecture and tokenizer from the folder without
+    rewriting `cfg.tokenizer` (the saved config is the one that ran)."""
     from omegaconf import OmegaConf
 
-    params = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
-    assert params, f"experiment {experiment} sweeps nothing"
-    for key, values in params.items():
-        for value in str(values).split(","):
-            validate_config(make_cfg(f"experiment={experiment}", f"{key}={value}"))
+    from tinyreason.checkpoints import export_model
+    from tinyreason.model import CausalLM, debug_config
+    from tinyreason.tokenizer import TokenizerConfig, chat_document, train_bpe
+
+    tok = train_bpe(
+        [chat_document("What is 2 + 2?", "Answer: 4")] * 50, TokenizerConfig(vocab_size=300)
+    )
+    folder = export_model(
+        CausalLM(debug_config(vocab_size=320, kind="dense")), tok, tmp_path / "hf"
+    )
+    cfg = make_cfg(f"model.init_from={folder}", "data.seq_len=64", "export.hf=false")
+    before = OmegaConf.to_yaml(cfg)
+    run = RunConfig.from_hydra(cfg)
+    assert OmegaConf.to_yaml(cfg) == before
+    assert run.tokenizer == TokenizerConfig(kind="hf", path=str(folder))
+    assert run.model.vocab_size == 320 and run.model.attention.kind == "gqa"
+    assert run.model_for(256).vocab_size == 320 and run.model_for(384).vocab_size == 384

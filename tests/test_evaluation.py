@@ -23,13 +23,15 @@ import tinyreason.evaluate as evaluate_cli
 from tinyreason.data import synthetic
 from tinyreason.data.sources import solution
 from tinyreason.data.synthetic import CorpusConfig, Problem
-from tinyreason.evaluate import corpus_config, eval_sets, evaluate
+from tinyreason.evaluate import corpus_config, evaluate
 from tinyreason.evaluation import (
+    EvalConfig,
     EvalOptions,
     Item,
     answers_equal,
     complete,
     corpus_items,
+    eval_sets,
     evaluate_items,
     file_items,
     gold_answer,
@@ -37,7 +39,7 @@ from tinyreason.evaluation import (
 )
 from tinyreason.model import CausalLM, debug_config
 from tinyreason.sampling import SamplingConfig
-from tinyreason.tokenizers import TokenizerConfig, chat_document, load, model_vocab_size, train_bpe
+from tinyreason.tokenizer import TokenizerConfig, chat_document, load, model_vocab_size, train_bpe
 
 # --- the answer checker -----------------------------------------------------------------------
 
@@ -455,7 +457,7 @@ def test_corpus_config_is_the_runs_then_the_overrides(tmp_path):
     OmegaConf.save({"data": text}, run / ".hydra" / "config.yaml")
     assert corpus_config(run, {}) == CorpusConfig()  # not a reasoning run: the default corpus
     sets = eval_sets(
-        OmegaConf.create({"splits": ["ood"], "num_problems": 9, "files": []}),
+        EvalConfig.from_dict({"splits": ["ood"], "num_problems": 9, "files": []}),
         CorpusConfig(max_digits=2),
     )
     assert list(sets) == ["ood"] and len(sets["ood"]) == 9
@@ -573,7 +575,7 @@ def test_pass_at_k_of_top_k_1_samples_equals_exact_match(overfit):
 def test_evaluate_cli_on_an_hf_export_of_the_overfit_model(overfit, tmp_path):
     """`evaluate ckpt=<HF folder> eval.files=[...]` reports what evaluate_items reports, and
     writes eval.json and one completions.jsonl line per problem."""
-    from tinyreason.export import export_model
+    from tinyreason.checkpoints import export_model
 
     model, tok, seen, others, options = overfit
     hf = export_model(model, tok, tmp_path / "hf", drop_mtp=True)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tinyreason.export import load_checkpoint
-from tinyreason.generate import generate, load_model, prompt_ids
+from tinyreason.checkpoints import load_checkpoint, load_model
+from tinyreason.generate import generate
 from tinyreason.model import CausalLM, debug_config
 from tinyreason.model.attention import KVCache
+from tinyreason.sampling import prompt_ids
 from tinyreason.train import train
 
 V = 256
@@ -88,7 +89,7 @@ def test_prompt_ids_chat_template_or_bos_plus_text(tokenizer):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tinyreason.tokenizers import TokenizerConfig, chat_document, train_bpe
+    from tinyreason.tokenizer import TokenizerConfig, chat_document, train_bpe
 
     docs = [chat_document(f"What is {i} + 3?", f"{i + 3}") for i in range(30)]
     return train_bpe(docs, TokenizerConfig(vocab_size=300))

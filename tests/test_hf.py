@@ -17,19 +17,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tinyreason.export import export, export_model, load_checkpoint
+from tinyreason.checkpoints import export_model, load_checkpoint
+from tinyreason.export import export
 from tinyreason.generate import generate
 from tinyreason.model import CausalLM, MTPConfig, debug_config
 from tinyreason.model.hf import (
-    from_hf_config,
     from_hf_state_dict,
     fuse_experts,
     load_pretrained,
     save_pretrained,
     split_experts,
-    to_hf_config,
 )
-from tinyreason.tokenizers import TokenizerConfig, chat_document, train_bpe
+from tinyreason.model.hf_config import from_hf_config, to_hf_config
+from tinyreason.tokenizer import TokenizerConfig, chat_document, train_bpe
 
 V = 512
 TARGETS = {  # name -> (debug kind, HF class)

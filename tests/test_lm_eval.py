@@ -14,7 +14,14 @@ from omegaconf import OmegaConf
 
 from tinyreason.data import synthetic
 from tinyreason.evaluate import corpus_config
-from tinyreason.evaluation import EvalOptions, _prompt, corpus_items, evaluate_items, file_items
+from tinyreason.evaluation import (
+    EvalConfig,
+    EvalOptions,
+    _prompt,
+    corpus_items,
+    evaluate_items,
+    file_items,
+)
 from tinyreason.lm_eval_task import GROUP, export_tasks, process_results
 
 N, MAX_NEW = 8, 48
@@ -22,7 +29,7 @@ N, MAX_NEW = 8, 48
 
 def eval_cfg(**overrides):
     base = {"splits": ["test", "ood"], "num_problems": N, "max_new_tokens": MAX_NEW, "files": []}
-    return OmegaConf.create({**base, **overrides})
+    return EvalConfig.from_dict({**base, **overrides})
 
 
 @pytest.fixture
@@ -98,7 +105,7 @@ def compare(hf_dir: Path, folder: Path, items: list) -> tuple[list[str], dict]:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from tinyreason.generate import load_model
+    from tinyreason.checkpoints import load_model
 
     model, tokenizer = load_model(hf_dir)
     with torch.no_grad():
@@ -132,7 +139,7 @@ def test_lm_eval_exact_match_equals_ours(make_cfg, tmp_path, offline):
     repeats one digit for every prompt, which would compare little): the noise (weights + 4 std) makes completions differ per prompt,
     and an eos head row of 1.05 x a mid-completion token's row makes some stop at eos."""
     pytest.importorskip("lm_eval")
-    from tinyreason.generate import load_model
+    from tinyreason.checkpoints import load_model
     from tinyreason.model.hf import save_pretrained
     from tinyreason.sampling import SamplingConfig, sample
     from tinyreason.train import train

@@ -25,6 +25,7 @@ from tinyreason.model import (
 )
 from tinyreason.model import attention as attention_mod
 from tinyreason.model.attention import apply_rope, causal_attention, rope_cos_sin
+from tinyreason.model.flops import flops_per_token
 from tinyreason.model.layers import RMSNorm, linear, uses_onednn
 from tinyreason.model.moe import MoE
 
@@ -129,16 +130,16 @@ def test_param_and_flop_counts() -> None:
     # the MTP depth, which adds back exactly an embedding-sized matrix.
     active = n_all
     attn = 6 * (cfg.num_layers + 1) * S * H * 2 * hd
-    assert dense.flops_per_token(S) == pytest.approx(6 * active + attn)
-    assert dense.flops_per_token(S, causal=True) == pytest.approx(6 * active + attn / 2)
+    assert flops_per_token(dense, S) == pytest.approx(6 * active + attn)
+    assert flops_per_token(dense, S, causal=True) == pytest.approx(6 * active + attn / 2)
 
     moe_model = _model(debug_config(V, "moe"))
     routed = sum(p.numel() for m in moe_model.moe_layers() for p in m.experts.parameters())
-    no_attn = moe_model.flops_per_token(S) - moe_model.flops_per_token(0)
+    no_attn = flops_per_token(moe_model, S) - flops_per_token(moe_model, 0)
     assert no_attn > 0
     # Only K/E of the routed experts are active: 4 of 16.
     full = 6 * (moe_model.num_params(exclude_embeddings=True) + V * 64)
-    assert moe_model.flops_per_token(0) == pytest.approx(full - 6 * routed * (1 - 4 / 16))
+    assert flops_per_token(moe_model, 0) == pytest.approx(full - 6 * routed * (1 - 4 / 16))
 
 
 def test_init_weights_table() -> None:
@@ -399,8 +400,7 @@ def test_overfits_one_batch() -> None:
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        for moe in model.moe_layers():
-            moe.update_bias(model.config.moe.bias_update_speed)
+        model.update_moe_biases(progress=0.0)
         losses.append(out.ce.item())
     assert losses[-1] < 0.3 * losses[0], losses
     assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())

@@ -469,7 +469,7 @@ def test_router_stays_fp32_under_bf16_autocast() -> None:
 
 def test_bench_moe_smoke(cache_dir) -> None:
     """`python -m tinyreason.bench moe` on the debug size: every row measured."""
-    from tinyreason.bench import bench_moe, report
+    from tinyreason.bench.moe import bench_moe, report
 
     rows = bench_moe(["debug=fast", "data.batch_size=1"], 1, 1, hf_experts="grouped_mm")
     assert [(r["dtype"], r["what"], r["model"].split(" ")[0]) for r in rows] == [

@@ -17,7 +17,7 @@ from tinyreason.data import packing, shards, synthetic
 from tinyreason.data.sources import ReasoningCorpus, solution
 from tinyreason.model import debug_config
 from tinyreason.model.transformer import IGNORE_INDEX
-from tinyreason.tokenizers import (
+from tinyreason.tokenizer import (
     BOS,
     EOS,
     PAD,

@@ -13,10 +13,10 @@ import pytest
 import zstandard
 from omegaconf import open_dict
 
-from tinyreason import tokenizers as tk
+from tinyreason import tokenizer as tk
 from tinyreason.data import shards
 from tinyreason.data.sources import TextFilesConfig, TextFilesCorpus, build_corpus, language_of
-from tinyreason.train import apply_byte_budget, validate_config
+from tinyreason.training.run_config import RunConfig
 
 EN = [f"Line {i}: the quick brown fox jumps over {i * 7} lazy dogs." for i in range(300)]
 ZH = [f"第{i}行：小明买了{i}个苹果，每个12元。" for i in range(300)]
@@ -169,20 +169,47 @@ def test_steps_follow_bytes_per_token():
     assert shards.steps_for_bytes(manifest, 10, 1000, multiple=4) == 4  # at least one per eval
 
 
-@pytest.mark.parametrize(
-    "vocab",
-    ["bpe_1k", "bpe_2k", "bpe_4k", "bpe_8k", "bpe_16k", "bpe_32k", "deepseek_v4", "qwen", "cl100k"],
-)
+# the points of experiments/vocab_scaling/README.md: row name -> overrides on experiment=vocab_scaling
+VOCAB_POINTS = {
+    **{
+        f"bpe_{n // 1024}k": [f"tokenizer.vocab_size={n}"]
+        for n in (1024, 2048, 4096, 8192, 16384, 32768)
+    },
+    "deepseek_v4": ["tokenizer=deepseek_v4"],
+    "qwen": ["tokenizer=qwen", "tokenizer.variant=qwen2.5"],
+    "cl100k": ["tokenizer=cl100k"],
+}
+
+
+@pytest.mark.parametrize("vocab", list(VOCAB_POINTS))
 def test_vocab_scaling_points_compose_with_one_model_and_budget(make_cfg, vocab):
-    cfg = make_cfg("experiment=vocab_scaling", f"vocab={vocab}")
-    validate_config(cfg)
-    assert cfg.tokenizer.kind == ("bpe" if vocab.startswith("bpe") else vocab)
-    assert cfg.model.name == "dense" and cfg.budget.train_bytes > 0
+    cfg = make_cfg("experiment=vocab_scaling", *VOCAB_POINTS[vocab], "data.batch_size=4")
+    run = RunConfig.from_hydra(cfg)
+    assert run.tokenizer.kind == ("bpe" if vocab.startswith("bpe") else vocab)
+    assert cfg.model.name == "dense" and run.budget.train_bytes > 0
     with open_dict(cfg):
-        cfg.data.batch_size, cfg.data.seq_len = 4, 100
-    apply_byte_budget(cfg, {"splits": {"train": {"bytes": 5000, "tokens": 2000}}})
-    steps = (
-        round(cfg.budget.train_bytes / (2.5 * 400) / cfg.budget.num_evals) * cfg.budget.num_evals
-    )
-    assert cfg.trainer.max_steps == steps
-    assert cfg.trainer.val_check_interval * cfg.budget.num_evals == steps
+        cfg.data.seq_len = 100
+    run = RunConfig.from_hydra(cfg)
+    budgeted = run.for_manifest({"splits": {"train": {"bytes": 5000, "tokens": 2000}}})
+    evals = run.budget.num_evals
+    steps = round(run.budget.train_bytes / (2.5 * 400) / evals) * evals
+    assert budgeted.trainer.max_steps == budgeted.optim.total_steps == steps
+    assert budgeted.trainer.val_check_interval * evals == steps
+    assert cfg.trainer.max_steps == run.trainer.max_steps  # the Hydra config is not edited
+
+
+def test_a_small_text_corpus_always_has_a_validation_document(tmp_path):
+    """Two documents and a 2% share would leave validation empty (step 0 then crashes deep in
+    the loader): the document of the lowest hash goes there instead; one document is refused."""
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(2)))
+    corpus = TextFilesCorpus(TextFilesConfig(paths=(str(two),), val_fraction=0.02))
+    train, val = corpus.texts("train"), corpus.texts("validation")
+    assert len(train) == len(val) == 1 and set(train + val) == {
+        f"document {i} " * 20 for i in range(2)
+    }
+    assert corpus.texts("validation") == val  # deterministic
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "only this"}) + "\n")
+    with pytest.raises(ValueError, match="at least two.*val_fraction"):
+        TextFilesCorpus(TextFilesConfig(paths=(str(one),))).texts("train")

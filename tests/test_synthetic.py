@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from tinyreason.data import synthetic
+from tinyreason.data import solutions, synthetic
 from tinyreason.data.synthetic import CorpusConfig, Problem
 
 SMALL = CorpusConfig(num_train=1800, num_val=180, num_test=180)
@@ -221,7 +221,7 @@ def test_subtraction_borrows_and_digits_match_python(corpus):
 
 def test_hand_picked_addition_478_plus_65():
     rng = random.Random(0)
-    _, steps, answer = synthetic._build_add(478, 65, "en", rng)
+    _, steps, answer = solutions.build_add(478, 65, "en", rng)
     assert answer == "543"
     assert steps[1:] == [
         "units: 8 + 5 = 13, write 3 carry 1",
@@ -229,7 +229,7 @@ def test_hand_picked_addition_478_plus_65():
         "hundreds: 4 + 1 (carried) = 5, write 5",
         "So 478 + 65 = 543.",
     ]
-    _, steps, _ = synthetic._build_add(478, 65, "zh", rng)
+    _, steps, _ = solutions.build_add(478, 65, "zh", rng)
     assert steps[1:] == [
         "个位：8 + 5 = 13，写 3 进 1",
         "十位：7 + 6 + 1（进位） = 14，写 4 进 1",
@@ -237,12 +237,12 @@ def test_hand_picked_addition_478_plus_65():
         "所以 478 + 65 = 543。",
     ]
     # a carry out of the highest column becomes a new digit
-    _, steps, answer = synthetic._build_add(95, 7, "en", rng)
+    _, steps, answer = solutions.build_add(95, 7, "en", rng)
     assert (answer, steps[-2]) == ("102", "hundreds: carried 1, write 1")
 
 
 def test_hand_picked_negative_subtraction():
-    _, steps, answer = synthetic._build_sub(478, 1203, "en", random.Random(0))
+    _, steps, answer = solutions.build_sub(478, 1203, "en", random.Random(0))
     assert answer == "-725"
     assert steps[-1] == "1203 - 478 = 725, so 478 - 1203 = -725."
 

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tinyreason import tokenizers as tk
+from tinyreason import tokenizer as tk
 from tinyreason.data import synthetic
 
 TEXTS = [

@@ -121,8 +121,20 @@ def test_resume_continues_steps_and_data_position(make_cfg, tmp_path, data):
     assert last["global_step"] == 10
 
 
+def test_debug_fast_trains_on_your_own_text(make_cfg, tmp_path):
+    """`debug=fast data=text_files data.paths=[mine.txt]`: the fast way to try your own text (a
+    few KB: debug's documents of 1,000 characters, one of them for validation)."""
+    text = tmp_path / "mine.txt"
+    lines = [f"Line {i}: {i} apples and {i * 3} pears make {i * 4} fruits." for i in range(150)]
+    text.write_text("\n".join(lines), encoding="utf-8")
+    cfg = make_cfg("debug=fast", "data=text_files", f"data.paths=[{text}]", "logger=none")
+    metrics = train(cfg)
+    assert metrics["val/bpb"] < metrics["val/bpb_first"]
+    assert "test/exact_match" not in metrics  # plain text has no problems to answer
+
+
 def test_shards_are_reused_and_described_by_a_manifest(make_cfg, cache_dir):
-    from tinyreason.prepare import prepare_data
+    from conftest import prepare as prepare_data
 
     cfg = make_cfg("debug=fast")
     a = prepare_data(cfg)
@@ -138,8 +150,9 @@ def test_shards_are_reused_and_described_by_a_manifest(make_cfg, cache_dir):
 
 
 def test_shards_of_another_tokenizer_are_refused(make_cfg):
+    from conftest import prepare as prepare_data
+
     from tinyreason.data.shards import read_manifest
-    from tinyreason.prepare import prepare_data
 
     data = prepare_data(make_cfg("debug=fast"))
     m = data.manifest

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tinyreason import tokenizers as tk
+from tinyreason import tokenizer as tk
 from tinyreason.training.metrics import BitsPerByte
 
 TRAIN = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import time
@@ -28,9 +29,10 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyreason.data import synthetic
 from tinyreason.data.sources import language_of
-from tinyreason.generate import prompt_ids
 from tinyreason.model import CausalLM
-from tinyreason.sampling import SamplingConfig, sample
+from tinyreason.sampling import SamplingConfig, prompt_ids, sample
+
+log = logging.getLogger(__name__)
 
 CORPUS_SPLITS = ("test", "validation", "ood")
 
@@ -268,3 +270,91 @@ def _pass_at_k(
         rec["samples_correct"] = sum(it.check(t) for t in samples)
         counts.append(rec["samples_correct"])
     return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(items) for k in options.k}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `eval` config group (the same keys in `train` and `evaluate`), typed."""
+
+    options: EvalOptions = field(default_factory=EvalOptions)
+    splits: tuple[str, ...] = ("test", "ood")
+    num_problems: int | None = None  # per split or file; None = all of it
+    files: tuple[str, ...] = ()
+    during_training_problems: int = 64  # train: greedy exact match at every validation; 0 = off
+    during_training_split: str = "validation"
+    at_end: bool = True  # train: evaluate `splits` and `files` on the final weights
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalConfig:
+        d = dict(d)
+        option_keys = [f.name for f in dataclasses.fields(EvalOptions)]
+        options = EvalOptions(**{k: d.pop(k) for k in option_keys if k in d})
+        during = dict(d.pop("during_training", None) or {})
+        unknown = sorted(set(d) - {"splits", "num_problems", "files", "at_end"})
+        unknown += sorted(f"during_training.{k}" for k in set(during) - {"num_problems", "split"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in eval")
+        split = during.get("split", "validation")
+        if split not in CORPUS_SPLITS:
+            raise ValueError(
+                f"eval.during_training.split={split!r} is not one of {list(CORPUS_SPLITS)}"
+            )
+        return cls(
+            options=options,
+            splits=tuple(d.get("splits", ("test", "ood"))),
+            num_problems=d.get("num_problems"),
+            files=tuple(d.get("files", ())),
+            during_training_problems=during.get("num_problems", 64) or 0,
+            during_training_split=split,
+            at_end=bool(d.get("at_end", True)),
+        )
+
+
+def file_set_name(path: str) -> str:
+    """A file's name in reports: its stem, or <folder>_<stem> when the stem is a split's name
+    (gsm8k/test.jsonl -> gsm8k_test)."""
+    p = Path(path)
+    return f"{p.parent.name}_{p.stem}" if p.stem in CORPUS_SPLITS else p.stem
+
+
+def eval_sets(config: EvalConfig, corpus: synthetic.CorpusConfig) -> dict[str, list]:
+    """Every requested split and file, built (and so checked) before any generation."""
+    sets = {}
+    for split in config.splits:
+        if str(split).endswith(".jsonl"):
+            sets[file_set_name(split)] = file_items(split)[: config.num_problems]
+        elif split not in CORPUS_SPLITS:
+            raise ValueError(
+                f"eval.splits: {split!r} is not one of {list(CORPUS_SPLITS)} (files go in eval.files)"
+            )
+        else:
+            sets[split] = corpus_items(corpus, split, config.num_problems)
+    for path in config.files:
+        sets[file_set_name(path)] = file_items(path)[: config.num_problems]
+    if not sets:
+        raise ValueError("nothing to evaluate: eval.splits and eval.files are both empty")
+    return sets
+
+
+def summary(name: str, report: dict) -> str:
+    kinds = " ".join(f"{k} {v:.0%}" for k, v in report["by_kind"].items())
+    line = f"{name}: exact match {report['exact_match']:.1%} of {report['num_problems']} ({kinds})"
+    for key, value in report.get("pass_at_k", {}).items():
+        line += f", {key} {value:.1%}"
+    return line + f"; no answer {report['no_answer']:.1%}, {report['tokens_per_s']:.0f} tokens/s"
+
+
+def run_evaluation(model, tokenizer, sets: dict[str, list], options: EvalOptions, out: Path | None):
+    """Evaluate every set; write eval.json and completions.jsonl to `out` when given."""
+    reports, lines = {}, []
+    for name, items in sets.items():
+        report, records = evaluate_items(model, tokenizer, items, options)
+        reports[name] = report
+        lines += [json.dumps({"split": name, **r}, ensure_ascii=False) for r in records]
+        log.info(summary(name, report))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(reports, indent=2, ensure_ascii=False))
+        (out / "completions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        log.info("wrote %s and %s", out / "eval.json", out / "completions.jsonl")
+    return reports

@@ -10,7 +10,6 @@ importable function.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -18,24 +17,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerFast
 
-from tinyreason.export import checkpoint_file, find_tokenizer, load_checkpoint, run_dir_of
+from tinyreason.checkpoints import load_model
+from tinyreason.compose import CONF_DIR
 from tinyreason.model import CausalLM
-from tinyreason.model.hf import is_hf_folder, load_pretrained
-from tinyreason.sampling import SamplingConfig, sample
+from tinyreason.sampling import SamplingConfig, prompt_ids, sample
 
 log = logging.getLogger(__name__)
-
-
-def load_model(
-    source: str | os.PathLike, tokenizer: str | None = None
-) -> tuple[CausalLM, PreTrainedTokenizerFast]:
-    """(model in eval mode, tokenizer) from a Hugging Face folder, a run dir or a `.ckpt` file."""
-    if is_hf_folder(source):
-        model = load_pretrained(source)
-        tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer or source))
-        return model, tok
-    path = checkpoint_file(source)
-    return load_checkpoint(path), find_tokenizer(run_dir_of(path), tokenizer)
 
 
 @torch.no_grad()
@@ -89,24 +76,7 @@ def generate_batch(
     return texts
 
 
-def prompt_ids(
-    tokenizer: PreTrainedTokenizerFast, prompt: str, chat: bool, system: str | None = None
-) -> torch.Tensor:
-    """[1, S] ids: the chat template with a generation prompt, or bos + the raw text."""
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    else:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
-    return torch.tensor([ids])
-
-
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if cfg.ckpt is None or cfg.prompt is None:
         raise ValueError(

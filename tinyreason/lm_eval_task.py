@@ -1,6 +1,6 @@
 """Our exact match as an lm-evaluation-harness task: `python -m tinyreason.evaluate export_tasks=<dir>`.
 
-`export_tasks(folder, corpus, eval_cfg)` writes, for every set that `tinyreason.evaluate` would
+`export_tasks(folder, corpus, eval_config)` writes, for every set that `tinyreason.evaluate` would
 score (the corpus splits of `eval.splits`: test / validation / ood, `eval.num_problems` each, and
 the jsonl files of `eval.files`),
 
@@ -33,15 +33,22 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import jinja2
 import yaml
 
 from tinyreason.data import synthetic
-from tinyreason.evaluation import CORPUS_SPLITS, Item, answers_equal, corpus_items, file_items
-from tinyreason.tokenizers import BOS, CHAT_TEMPLATE, EOS
+from tinyreason.evaluation import (
+    CORPUS_SPLITS,
+    EvalConfig,
+    Item,
+    answers_equal,
+    corpus_items,
+    file_items,
+    file_set_name,
+)
+from tinyreason.tokenizer import BOS, CHAT_TEMPLATE, EOS
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +84,18 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     return {"exact_match": float(is_correct(doc["check"], doc["answer"], results[0]))}
 
 
-def _sets(corpus: synthetic.CorpusConfig, eval_cfg: Mapping) -> dict[str, tuple[str, list[Item]]]:
-    """name -> (check rule, items): the corpus splits, then the files (as `evaluate.eval_sets`)."""
-    from tinyreason.evaluate import file_set_name
-
-    limit = eval_cfg.get("num_problems")
+def _sets(corpus: synthetic.CorpusConfig, config: EvalConfig) -> dict[str, tuple[str, list[Item]]]:
+    """name -> (check rule, items): the corpus splits, then the files (as `evaluation.eval_sets`)."""
+    limit = config.num_problems
     sets: dict[str, tuple[str, list[Item]]] = {}
-    for split in eval_cfg.get("splits", []):
+    for split in config.splits:
         if str(split).endswith(".jsonl"):
             sets[file_set_name(split)] = ("file", file_items(split)[:limit])
         elif split not in CORPUS_SPLITS:
             raise ValueError(f"eval.splits: {split!r} is not one of {list(CORPUS_SPLITS)}")
         else:
             sets[str(split)] = ("corpus", corpus_items(corpus, split, limit))
-    for path in eval_cfg.get("files", []):
+    for path in config.files:
         sets[file_set_name(path)] = ("file", file_items(path)[:limit])
     if not sets:
         raise ValueError("nothing to export: eval.splits and eval.files are both empty")
@@ -123,9 +128,9 @@ def _write_yaml(path: Path, config: dict, function: str | None = None) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def export_tasks(folder: Path, corpus: synthetic.CorpusConfig, eval_cfg: Mapping) -> list[Path]:
+def export_tasks(folder: Path, corpus: synthetic.CorpusConfig, config: EvalConfig) -> list[Path]:
     """Write the jsonl files, task YAMLs, group and utils.py to `folder`; return the paths written."""
-    folder, sets = Path(folder), _sets(corpus, eval_cfg)
+    folder, sets = Path(folder), _sets(corpus, config)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (check, items) in sets.items():
@@ -146,7 +151,7 @@ def export_tasks(folder: Path, corpus: synthetic.CorpusConfig, eval_cfg: Mapping
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
         )
         task = folder / f"{PREFIX}{name}.yaml"
-        config = task_config(name, data, eval_cfg.get("max_new_tokens", 256))
+        config = task_config(name, data, config.options.max_new_tokens)
         _write_yaml(task, config, "utils.process_results")
         written += [data, task]
     main = "test" if "test" in sets else next(iter(sets))

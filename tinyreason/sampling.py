@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from tinyreason.model import CausalLM
 from tinyreason.model.attention import KVCache
@@ -189,3 +190,20 @@ def _sample_uncached(
             seq = torch.cat([seq, torch.tensor([[token]], device=device)], dim=1)
         out.append(new)
     return out
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerFast, prompt: str, chat: bool, system: str | None = None
+) -> torch.Tensor:
+    """[1, S] ids: the chat template with a generation prompt, or bos + the raw text."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+    return torch.tensor([ids])

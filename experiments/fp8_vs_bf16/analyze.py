@@ -2,10 +2,12 @@
 
     python experiments/fp8_vs_bf16/analyze.py [sweep folder ...]    (default multirun/fp8_vs_bf16)
 
-Reads every job's csv/metrics.csv under the folders, named by its `variant` override (a variant
-found twice: the later folder wins). Relative differences are (variant - bf16) / bf16 of the final
-val/bpb, against seed 0's bf16 and against the bf16 run of the variant's own seed (`*_seed1`
-variants pair with `bf16_seed1`).
+Reads every job's csv/metrics.csv under the folders, named from its saved config
+(.hydra/config.yaml: precision, recipe, AdamW moment dtype, seed) by the names of the README's
+tables: `bf16`, `tensorwise` (precision=fp8), `rowwise`, `rowwise_with_gw_hp`, `blockwise`,
+`deepseek_v3` (blockwise + bf16 moments), `_seed1` for seed 1 (a name found twice: the later folder
+wins). Relative differences are (variant - bf16) / bf16 of the final val/bpb, against seed 0's
+bf16 and against the bf16 run of the variant's own seed (`*_seed1` variants pair with `bf16_seed1`).
 """
 
 from __future__ import annotations
@@ -18,21 +20,38 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 HERE = Path(__file__).parent
+# (precision.name, precision.recipe) -> the README's name of that option
+RECIPES = {
+    ("bf16", None): "bf16",
+    ("fp8", "tensorwise"): "tensorwise",
+    ("fp8", "rowwise"): "rowwise",
+    ("fp8", "rowwise_with_gw_hp"): "rowwise_with_gw_hp",
+    ("fp8_blockwise", "blockwise"): "blockwise",
+}
+
+
+def variant(job: Path) -> str:
+    """The README's name of a job, from the config it ran with: `rowwise`, `deepseek_v3_seed1`,
+    ... (a combination outside the tables gets a readable name such as `fp32_moments_bf16_seed2`)."""
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    precision = (cfg.precision.name, cfg.precision.recipe)
+    name = RECIPES.get(precision, "_".join(str(p) for p in precision if p is not None))
+    if cfg.optim.moment_dtype == "bf16":
+        name = "deepseek_v3" if name == "blockwise" else f"{name}_moments_bf16"
+    return name + (f"_seed{cfg.seed}" if cfg.seed else "")
 
 
 def load(sweeps: list[Path]) -> dict[str, pd.DataFrame]:
-    """{variant: metrics.csv} of every job under the sweep folders (variant from the job's
-    overrides)."""
+    """{variant: metrics.csv} of every job under the sweep folders."""
     curves = {}
     for sweep in sweeps:
-        for overrides in sorted(sweep.glob("**/.hydra/overrides.yaml")):
-            job = overrides.parent.parent
-            values = dict(o.split("=", 1) for o in yaml.safe_load(overrides.read_text()))
-            if (job / "csv" / "metrics.csv").is_file() and "variant" in values:
-                curves[values["variant"]] = pd.read_csv(job / "csv" / "metrics.csv")
+        for config in sorted(sweep.glob("**/.hydra/config.yaml")):
+            job = config.parent.parent
+            if (job / "csv" / "metrics.csv").is_file():
+                curves[variant(job)] = pd.read_csv(job / "csv" / "metrics.csv")
     order = ["bf16", "bf16_seed1", "tensorwise", "rowwise", "rowwise_with_gw_hp", "blockwise"]
     order += ["deepseek_v3", "blockwise_seed1", "deepseek_v3_seed1"]
     return dict(sorted(curves.items(), key=lambda kv: (order + [kv[0]]).index(kv[0])))

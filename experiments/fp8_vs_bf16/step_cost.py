@@ -3,8 +3,10 @@ of the CPU default model, per variant of the fp8_vs_bf16 sweep, relative to bf16
 
     python experiments/fp8_vs_bf16/step_cost.py [--reps 5] [--threads 1]
 
-CPU time of this process, not wall time, and the variants interleaved rep by rep: on a shared
-machine other processes change the wall clock, much less the CPU time a step needs.
+The model, batch shape and vocabulary are those of `experiment=fp8_vs_bf16` (composed with Hydra);
+each variant adds its overrides (`VARIANTS`, the names of the README's table). CPU time of this
+process, not wall time, and the variants interleaved rep by rep: on a shared machine other
+processes change the wall clock, much less the CPU time a step needs.
 """
 
 from __future__ import annotations
@@ -15,21 +17,35 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
 from tinyreason.model import CausalLM, ModelConfig
 from tinyreason.training.optim import OptimConfig, build_optimizer
 from tinyreason.training.precision import PrecisionConfig, apply_precision
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+# name: (precision option, AdamW moment dtype), the overrides of the sweep's runs (seed 0)
 VARIANTS = {
-    "bf16": (PrecisionConfig("bf16"), "fp32"),
-    "tensorwise": (PrecisionConfig("fp8", "tensorwise"), "fp32"),
-    "rowwise": (PrecisionConfig("fp8", "rowwise"), "fp32"),
-    "rowwise_with_gw_hp": (PrecisionConfig("fp8", "rowwise_with_gw_hp"), "fp32"),
-    "blockwise": (PrecisionConfig("fp8_blockwise", "blockwise"), "fp32"),
-    "deepseek_v3": (PrecisionConfig("fp8_blockwise", "blockwise"), "bf16"),
+    "bf16": ("bf16", "fp32"),
+    "tensorwise": ("fp8", "fp32"),
+    "rowwise": ("fp8_rowwise", "fp32"),
+    "rowwise_with_gw_hp": ("fp8_rowwise_with_gw_hp", "fp32"),
+    "blockwise": ("fp8_blockwise", "fp32"),
+    "deepseek_v3": ("fp8_blockwise", "bf16"),
 }
+
+
+def variant_config(name: str) -> DictConfig:
+    """The config of `python -m tinyreason.train experiment=fp8_vs_bf16` for that variant."""
+    precision, moments = VARIANTS[name]
+    overrides = [
+        "experiment=fp8_vs_bf16",
+        f"precision={precision}",
+        f"optim.moment_dtype={moments}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
 
 
 def main() -> None:
@@ -38,18 +54,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "moe.yaml"))
-    data_cfg = OmegaConf.load(CONF / "data" / "reasoning.yaml")
+    base = variant_config("bf16")  # model, data shape and vocabulary: the same for every variant
+    model_cfg = OmegaConf.to_container(base.model, resolve=True)
     model_cfg = {k: v for k, v in model_cfg.items() if k not in ("name", "init_from")}
-    cfg = ModelConfig.from_dict({**model_cfg, "vocab_size": 4096, "max_seq_len": data_cfg.seq_len})
-    batch = torch.randint(0, 4096, (data_cfg.batch_size, data_cfg.seq_len + 1))
+    vocab, seq_len = base.tokenizer.vocab_size, base.data.seq_len
+    cfg = ModelConfig.from_dict({**model_cfg, "vocab_size": vocab, "max_seq_len": seq_len})
+    batch = torch.randint(0, vocab, (base.data.batch_size, seq_len + 1))
 
     runs = {}
-    for name, (precision, moments) in VARIANTS.items():
+    for name in VARIANTS:
+        variant = variant_config(name)
         torch.manual_seed(0)
         model = CausalLM(cfg)
-        apply_precision(model, precision)
-        optimizer, _ = build_optimizer(model, OptimConfig(moment_dtype=moments))
+        apply_precision(model, PrecisionConfig(**OmegaConf.to_container(variant.precision)))
+        optimizer, _ = build_optimizer(model, OptimConfig(moment_dtype=variant.optim.moment_dtype))
         runs[name] = (model, optimizer)
 
     def step(model, optimizer) -> float:

@@ -1,7 +1,9 @@
 """FP8 on a Hopper GPU: real kernels for every recipe on a ~1B-parameter DeepSeek-V3-style model.
 
-    python experiments/gpu_check/gpu_check.py            # H100 / H200: the check (README.md)
-    python experiments/gpu_check/gpu_check.py --smoke    # tiny model, any device: tests the script
+    PYTHONPATH=. python experiments/gpu_check/gpu_check.py          # H100 / H200 (README.md)
+    PYTHONPATH=. python experiments/gpu_check/gpu_check.py --smoke  # tiny model, any device
+
+(from the repository root; or `pip install -e .` first and drop PYTHONPATH)
 
 For bf16 and each FP8 recipe (torchao tensorwise, rowwise, rowwise_with_gw_hp; DeepSeek-V3
 blockwise) it trains the same model from the same init on the same batches (bytes of the embedded
@@ -28,18 +30,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without installing it
-
-from tinyreason.data.synthetic import CorpusConfig, format_text, generate  # noqa: E402
-from tinyreason.model import CausalLM, MLAConfig, ModelConfig, MoEConfig, MTPConfig  # noqa: E402
-from tinyreason.training import fp8  # noqa: E402
-from tinyreason.training.optim import OptimConfig, build_optimizer  # noqa: E402
-from tinyreason.training.precision import PrecisionConfig, apply_precision  # noqa: E402
+from tinyreason.data.synthetic import CorpusConfig, format_text, generate
+from tinyreason.model import CausalLM, MLAConfig, ModelConfig, MoEConfig, MTPConfig
+from tinyreason.model.flops import flops_per_token
+from tinyreason.training import fp8
+from tinyreason.training.optim import OptimConfig, build_optimizer
+from tinyreason.training.perf import GPU_BF16_PEAK_FLOPS
+from tinyreason.training.precision import PrecisionConfig, apply_precision
 
 # |mean loss of the last 20 steps, FP8 - bf16| / bf16. DeepSeek-V3 reports < 0.25% after long
 # training; 200 steps from scratch are noisier (the CPU experiment fp8_vs_bf16 measured < 0.5%).
 LOSS_BOUND = 0.01
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 tensor-core peak, SXM
 RUNS = [
     ("bf16", None),
     ("fp8", "tensorwise"),
@@ -119,7 +120,7 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     if device.type != "cuda":
         return float("nan"), "no GPU"
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16.items():
+    for key, peak in GPU_BF16_PEAK_FLOPS.items():  # the data sheets' dense bf16 peaks
         if key in name:
             return peak, f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
     return float("nan"), f"{name}: unknown peak"
@@ -165,9 +166,7 @@ def train(name, recipe, cfg, data, args, device) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        gamma = cfg.moe.bias_gamma(step / args.steps)
-        for moe in model.moe_layers():
-            moe.update_bias(gamma)
+        model.update_moe_biases(step / args.steps)
         losses.append(out.loss.item())  # also synchronises: the step is done
         times.append(time.perf_counter() - start)
         if not math.isfinite(losses[-1]):
@@ -180,7 +179,7 @@ def train(name, recipe, cfg, data, args, device) -> dict:
         "fp8_modules": len(converted),
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
-        "flops_per_token": model.flops_per_token(data[0].shape[1] - 1),
+        "flops_per_token": flops_per_token(model, data[0].shape[1] - 1),
         "loss_last20": statistics.fmean(losses[-20:]),
         "losses": losses,
         "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0,

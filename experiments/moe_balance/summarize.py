@@ -1,8 +1,10 @@
 """Table of the moe_balance sweep: `python experiments/moe_balance/summarize.py <sweep dir> ...`.
 
-Per job (variant): final val/bpb, MaxVio (max over MoE layers of max load / mean load - 1 in one
-step) at the first logged step, its mean over the last 100 steps, the same per layer, dead experts
-in the last 100 steps, and the bias spread reached. Writes results.csv and max_vio.png (MaxVio and
+Per job, named from its saved config as in the README (`both`, `aux_free_seed1`, `aux_loss_1e-2`:
+the balance mode, `_<alpha>` when the mode uses alpha and it is not 1e-4, `_seed<n>`): final
+val/bpb, MaxVio (max over MoE layers of max load / mean load - 1 in one step) at the first logged
+step, its mean over the last 100 steps, the same per layer, dead experts in the last 100 steps,
+and the bias spread reached. Writes results.csv and max_vio.png (MaxVio and
 val/bpb curves) beside this file.
 """
 
@@ -13,22 +15,31 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
+from omegaconf import OmegaConf
+
+
+def variant(cfg) -> str:
+    """The README's name of a run: `both`, `both_seed1`, `aux_loss_1e-2`, ..."""
+    moe = cfg.model.moe
+    name = moe.balance
+    if moe.balance in ("both", "aux_loss") and moe.balance_alpha != 1e-4:
+        mantissa, exponent = f"{moe.balance_alpha:e}".split("e")
+        name += f"_{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 1e-2, 2.5e-3
+    return name + (f"_seed{cfg.seed}" if cfg.seed else "")
 
 
 def summarize(job: Path) -> dict:
-    cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-    variant = cfg["variant"]
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
     metrics = pd.read_csv(job / "csv" / "metrics.csv")
     train = metrics.dropna(subset=["moe/max_vio"]).set_index("step")
     last = train[train.index > train.index.max() - 100]
     val = metrics.dropna(subset=["val/bpb"])
     layers = sorted(c.removeprefix("moe/max_vio_") for c in train if c.startswith("moe/max_vio_"))
     return {
-        "variant": variant,
-        "balance": cfg["variants"][variant]["balance"],
-        "alpha": cfg["variants"][variant]["alpha"],
-        "seed": cfg["variants"][variant]["seed"],
+        "variant": variant(cfg),
+        "balance": cfg.model.moe.balance,
+        "alpha": cfg.model.moe.balance_alpha,
+        "seed": cfg.seed,
         "steps": int(train.index.max()),
         "val_bpb": round(float(val["val/bpb"].iloc[-1]), 4),
         "max_vio_first": round(float(train["moe/max_vio"].iloc[0]), 3),
@@ -46,13 +57,13 @@ def plot(jobs: list[Path], out: Path) -> None:
     fig = Figure(figsize=(10, 3.6), dpi=100)
     ax_vio, ax_bpb = fig.subplots(1, 2)
     for job in jobs:
-        variant = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["variant"]
+        name = variant(OmegaConf.load(job / ".hydra" / "config.yaml"))
         metrics = pd.read_csv(job / "csv" / "metrics.csv")
         train = metrics.dropna(subset=["moe/max_vio"])
         vio = train.groupby(train["step"] // 50 * 50 + 25)["moe/max_vio"].mean()  # 50-step bins
-        ax_vio.plot(vio.index, vio, marker=".", label=variant)
+        ax_vio.plot(vio.index, vio, marker=".", label=name)
         val = metrics.dropna(subset=["val/bpb"])
-        ax_bpb.plot(val["step"], val["val/bpb"], marker=".", label=variant)
+        ax_bpb.plot(val["step"], val["val/bpb"], marker=".", label=name)
     ax_vio.set(xlabel="step", ylabel="MaxVio (max over layers, 50-step bins)", yscale="log")
     ax_bpb.set(xlabel="step", ylabel="val/bpb", ylim=(0.55, 0.9))
     ax_vio.legend(fontsize=8)

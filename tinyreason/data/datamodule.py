@@ -12,6 +12,8 @@ from pathlib import Path
 import lightning as L
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
+from tinyreason.data.prepare import PreparedData, prepare_data
+
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
     """StreamingDataLoader that resumes across an epoch boundary correctly.
@@ -51,6 +53,17 @@ class PretrainDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.prepared: PreparedData | None = None
+
+    @classmethod
+    def from_run(cls, run) -> PretrainDataModule:
+        """The pretraining stage's data for a `RunConfig`: its tokenizer and token shards, built
+        or reused from the cache (the stream, or packed conversations with loss_on=assistant)."""
+        d = run.data
+        prepared = prepare_data(d.corpus, run.tokenizer, run.cache_dir, d.window)
+        datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
+        datamodule.prepared = prepared
+        return datamodule
 
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         return StreamingDataset(

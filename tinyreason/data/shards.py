@@ -31,7 +31,7 @@ from litdata import TokensLoader
 from litdata.streaming.writer import BinaryWriter
 
 from tinyreason.data import packing
-from tinyreason.tokenizers import BOS, EOS, PAD, ROLES
+from tinyreason.tokenizer import BOS, EOS, PAD, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def token_dtype(vocab_size: int) -> torch.dtype:
 
 @functools.lru_cache(maxsize=2)
 def _load_tokenizer(folder: str):
-    from tinyreason.tokenizers import load
+    from tinyreason.tokenizer import load
 
     return load(folder)
 

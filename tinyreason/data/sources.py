@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyreason.data import synthetic
-from tinyreason.tokenizers import BOS, EOS, chat_document
+from tinyreason.tokenizer import BOS, EOS, chat_document
 
 NAMES = ("reasoning", "text_files")
 SPLITS = ("train", "validation")
@@ -92,7 +92,7 @@ class TextFilesConfig:
                     f"{[c for c in COMPRESSIONS if c]}"
                 )
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+            raise ValueError(f"data.corpus.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.doc_chars < 1:
             raise ValueError(f"data.doc_chars={self.doc_chars} must be positive")
 
@@ -161,6 +161,15 @@ class TextFilesCorpus:
                 key = hashlib.sha256(text.encode()).hexdigest()
                 split = "validation" if int(key[:8], 16) % 10_000 < threshold else "train"
                 keyed[split].append((key, text))
+        if not keyed["validation"]:  # a small corpus: the document of the lowest hash
+            if len(keyed["train"]) < 2:
+                raise ValueError(
+                    f"data.corpus: {len(keyed['train'])} document(s) in {list(self.config.paths)}: "
+                    "a run needs at least two (one for validation, data.corpus.val_fraction of "
+                    "them); a .txt file splits into documents of data.corpus.doc_chars characters"
+                )
+            keyed["validation"].append(min(keyed["train"]))
+            keyed["train"].remove(keyed["validation"][0])
         return {s: [text for _, text in sorted(pairs)] for s, pairs in keyed.items()}
 
     def _read(self, path: Path, fmt: str, comp: str) -> list[str]:

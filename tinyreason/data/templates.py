@@ -1,4 +1,5 @@
-"""The words of the synthetic reasoning corpus (`synthetic.py`), English and Chinese side by side.
+"""The words of the synthetic reasoning corpus (`solutions.py`, `working.py`), English and Chinese
+side by side.
 
 The Chinese follows primary-school textbook phrasing (进位, 不够减, 辗转相除法, 总价 = 单价 × 数量)
 rather than translating the English line by line. Templates take keyword fields; str.format ignores

@@ -182,7 +182,7 @@ class MTPConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    vocab_size: int
+    vocab_size: int | None  # None until a tokenizer is chosen: `with_vocab` sets it
     hidden_size: int
     num_layers: int
     intermediate_size: int  # dense SwiGLU width
@@ -197,7 +197,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "max_seq_len"):
+        if self.vocab_size is not None:
+            _check_int(self, "vocab_size", 1)
+        for name in ("hidden_size", "num_layers", "intermediate_size", "max_seq_len"):
             _check_int(self, name, 1)
         _check_int(self, "num_dense_layers", 0)
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
@@ -232,6 +234,9 @@ class ModelConfig:
                 _fail(
                     self, "hidden_size", "/ attention.num_heads must be even (RoPE rotates pairs)"
                 )
+
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
+        return dataclasses.replace(self, vocab_size=vocab_size)
 
     @property
     def rope_dim(self) -> int:

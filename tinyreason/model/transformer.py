@@ -9,6 +9,7 @@ Shape legend: B batch, S sequence, D hidden size, V vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,6 @@ from torch import nn
 
 from .attention import KVCache, LayerCache, Rope, build_attention, rope_cos_sin
 from .config import ModelConfig
-from .flops import flops_per_token
 from .layers import MLP, Linear, RMSNorm
 from .moe import Experts, MoE, Router
 from .mtp import MTPModule
@@ -78,6 +78,8 @@ def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.T
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is None: set it with config.with_vocab(n)")
         self.config = config
         d, eps, has_moe = config.hidden_size, config.rms_norm_eps, config.moe is not None
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
@@ -175,14 +177,29 @@ class CausalLM(nn.Module):
         """Every MoE FFN, main layers first, then MTP blocks (for the per-step bias update)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def update_moe_biases(
+        self, progress: float, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[float, torch.Tensor | None]:
+        """DeepSeek-V3's aux-loss-free balancing, once per optimizer step, outside forward:
+        every MoE layer's bias += gamma * sign(mean load - load), from the tokens it routed since
+        the last update (`reduce` sums those counts over data-parallel ranks). gamma follows
+        `config.moe.bias_gamma(progress)`, progress in [0, 1). Returns (gamma, counts [L, E])."""
+        layers = self.moe_layers()
+        if not layers:
+            return 0.0, None
+        counts_LE = torch.stack([m.tokens_per_expert for m in layers])
+        if reduce is not None:
+            counts_LE = reduce(counts_LE)
+        gamma = self.config.moe.bias_gamma(progress)
+        for m, counts_E in zip(layers, counts_LE, strict=True):
+            m.tokens_per_expert.copy_(counts_E)
+            m.update_bias(gamma)
+        return gamma, counts_LE
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without the input embedding table."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
-
-    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
-        """Training FLOPs per token (forward + backward), for MFU; see `flops.flops_per_token`."""
-        return flops_per_token(self, seq_len, causal)
 
 
 def _check_inputs(

@@ -12,8 +12,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tinyreason.model.flops import active_params_per_token, peak_flops
+from tinyreason.model.flops import active_params_per_token, flops_per_token
 from tinyreason.model.moe import MoE, load_stats
+from tinyreason.training.perf import peak_flops
 
 
 class MoEBiasUpdate(L.Callback):
@@ -51,15 +52,12 @@ class MoEBiasUpdate(L.Callback):
         named = moe_layers(pl_module.model)
         if not named:
             return
-        layers = list(named.values())
-        counts_LE = torch.stack([m.tokens_per_expert for m in layers])
-        counts_LE = trainer.strategy.reduce(counts_LE, reduce_op="sum")  # all ranks
         # Training progress at the step just taken; 0 when the run has no step budget.
         progress = (trainer.global_step - 1) / trainer.max_steps if trainer.max_steps > 0 else 0.0
-        gamma = pl_module.model.config.moe.bias_gamma(progress)
-        for m, counts_E in zip(layers, counts_LE, strict=True):
-            m.tokens_per_expert.copy_(counts_E)
-            m.update_bias(gamma)
+        gamma, counts_LE = pl_module.model.update_moe_biases(
+            progress,
+            lambda t: trainer.strategy.reduce(t, reduce_op="sum"),  # all ranks
+        )
         pl_module.log_dict({**self._stats(named), "moe/gamma": gamma}, on_step=True, on_epoch=False)
         window = counts_LE.detach().cpu().double()
         self._window = window if self._window is None else self._window + window
@@ -137,7 +135,7 @@ def heatmap_image(rel_LE: torch.Tensor, names: list[str], title: str):
 
 class Throughput(L.Callback):
     """Tokens per second of each training step (wall clock between consecutive batch ends), and
-    MFU: per-device tokens/s x training FLOPs per token (`CausalLM.flops_per_token`, PaLM
+    MFU: per-device tokens/s x training FLOPs per token (`flops.flops_per_token`, PaLM
     convention) / `peak_flops` in the run's compute dtype (bf16 for bf16 and FP8 runs)."""
 
     def __init__(self) -> None:
@@ -146,7 +144,7 @@ class Throughput(L.Callback):
         self._peak = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._flops_per_token = pl_module.model.flops_per_token(trainer.datamodule.seq_len)
+        self._flops_per_token = flops_per_token(pl_module.model, trainer.datamodule.seq_len)
         dtype = (
             torch.float32 if pl_module.precision_config.lightning == "32-true" else torch.bfloat16
         )

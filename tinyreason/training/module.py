@@ -7,6 +7,8 @@ and tokens seen (the x-axis of every dashboard).
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,9 @@ from torchmetrics.text import Perplexity
 
 from tinyreason.data.packing import split_flags
 from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.model.hf import load_weights
 from tinyreason.model.transformer import IGNORE_INDEX
+from tinyreason.tokenizer import model_vocab_size, token_byte_lengths
 from tinyreason.training.metrics import BitsPerByte
 from tinyreason.training.optim import OptimConfig, build_optimizer
 from tinyreason.training.precision import PrecisionConfig, apply_precision
@@ -33,7 +37,7 @@ class LitCausalLM(L.LightningModule):
         self.loss_flag = loss_flag
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(model)
-        self.optim_config = OptimConfig(**optim)
+        self.optim_config = OptimConfig(**{**optim, "betas": tuple(optim["betas"])})
         self.precision_config = PrecisionConfig(**(precision or {}))
         self.model: CausalLM | None = None
         # UTF-8 bytes of each token id, for BPB; saved with the checkpoint, filled by `train`.
@@ -42,6 +46,30 @@ class LitCausalLM(L.LightningModule):
         )
         self.val_bpb = BitsPerByte()
         self.val_ppl = Perplexity(ignore_index=-100)
+        self.run_config: dict | None = None  # the composed config, stored in every checkpoint
+
+    @classmethod
+    def from_run(cls, run, datamodule) -> LitCausalLM:
+        """The pretraining stage's module for a `RunConfig` and its prepared data: the model
+        sized to the tokenizer, BPB's byte table, a Hugging Face start's weights."""
+        data = datamodule.prepared
+        model = run.model_for(model_vocab_size(data.tokenizer))
+        optim = dataclasses.asdict(run.optim)
+        module = cls(
+            model.to_dict(),
+            optim,
+            dataclasses.asdict(run.precision),
+            data.manifest.get("loss_flag"),
+        )
+        module.token_bytes.copy_(token_byte_lengths(data.tokenizer, model.vocab_size))
+        module.run_config = run.composed
+        if run.init_from is not None and run.resume is None:  # a resume has its own weights
+            module.configure_model()
+            load_weights(module.model, run.init_from)
+        return module
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["run_config"] = self.run_config
 
     def configure_model(self) -> None:
         if self.model is not None:

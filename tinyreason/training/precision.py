@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tinyreason.training import fp8
-
 NAMES = ("fp32", "bf16", "fp8", "fp8_blockwise")
 LIGHTNING = {
     "fp32": "32-true",
@@ -26,7 +24,9 @@ LIGHTNING = {
     "fp8": "bf16-mixed",
     "fp8_blockwise": "bf16-mixed",
 }
-RECIPES = {"fp8": fp8.TORCHAO_RECIPES, "fp8_blockwise": ("blockwise",)}
+# torchao's recipes, and DeepSeek-V3's blockwise one (training/fp8.py, which imports torchao: only
+# loaded when an FP8 option is chosen, so other runs start without its warnings)
+RECIPES = {"fp8": ("tensorwise", "rowwise", "rowwise_with_gw_hp"), "fp8_blockwise": ("blockwise",)}
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def apply_precision(model: nn.Module, cfg: PrecisionConfig) -> list[str]:
     """Convert `model` in place for an FP8 option (no-op otherwise); return the FP8 linears."""
     if not cfg.is_fp8:
         return []
+    from tinyreason.training import fp8
+
     kernels = fp8.kernels_available(cfg.recipe)
     emulate = not kernels if cfg.emulate is None else cfg.emulate
     if not emulate and not kernels:

@@ -14,7 +14,7 @@ tokens (up to and including eos) count; a random model rarely emits eos, so rows
 `--max-new-tokens`. Both are timed in turn, `--repeats` rounds, median round reported (on a shared
 machine absolute speeds are noise; quote the ratio). Outputs are compared row by row; every
 mismatch is printed. The ceiling: new tokens/s if every forward FLOP (`flops_per_token / 3` at the
-mean context) ran at the fp32 matmul rate measured here (`flops.matmul_flops`). One decode step of
+mean context) ran at the fp32 matmul rate measured here (`perf.matmul_flops`). One decode step of
 ours (no eos: the batch stays full) is timed at batch 1 and at the largest batch, with the number
 of aten ops it dispatches: what bounds ours. On a machine others load, pass `--threads 1`: torch's
 OpenMP threads spin-wait for descheduled peers, which makes multi-thread timings 10x slower, noise.
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from tinyreason.bench import CLOCKS, compose_model
-from tinyreason.export import export_model, without_mtp
-from tinyreason.generate import load_model
+from tinyreason.bench.common import CLOCKS, compose_model
+from tinyreason.checkpoints import export_model, load_model, without_mtp
 from tinyreason.model import CausalLM
-from tinyreason.model.flops import flops_per_token, matmul_flops
+from tinyreason.model.flops import flops_per_token
 from tinyreason.model.hf import is_hf_folder
 from tinyreason.sampling import SamplingConfig, sample
+from tinyreason.training.perf import matmul_flops
 
 WHO = ("ours", "theirs")
 

@@ -13,55 +13,28 @@ DeepSeekMoE implementation from attention, norms and the output head, which both
 
 Configurations are timed in turn, `--repeats` rounds of `--steps` steps each, and the median round
 is reported: absolute times on a shared machine are noise; ratios measured this way are what to
-quote. MFU = tokens/s x model FLOPs per token (`CausalLM.flops_per_token`) / peak, where the peak
+quote. MFU = tokens/s x model FLOPs per token (`flops.flops_per_token`) / peak, where the peak
 is the faster of torch's and our (`layers.linear`: oneDNN for fp32 on CPU) 2048^3 matmul, timed in
-the same process and dtype (`flops.matmul_flops`).
+the same process and dtype (`perf.matmul_flops`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from tinyreason.model import CausalLM, ModelConfig, MTPConfig
-from tinyreason.model.flops import matmul_flops
+from tinyreason.bench.common import CLOCKS, compose_model
+from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.model.flops import flops_per_token
+from tinyreason.training.perf import matmul_flops
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 HF_EXPERTS = ("grouped_mm", "batched_mm", "eager")
-# Wall clock by default; `--clock cpu` times this process's CPU seconds (all threads), which
-# other users' load distorts far less than wall time (with --threads 1 it is the step's work).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def compose_model(overrides: list[str]):
-    """(model config with MTP off, tokenizer, composed training config): the vocabulary is the
-    config's tokenizer's, trained and cached as by `tinyreason.prepare` if needed."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from tinyreason import tokenizers
-    from tinyreason.data.sources import build_corpus
-    from tinyreason.prepare import tokenizer_config
-    from tinyreason.train import model_dict
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
-    tokenizer, _ = tokenizers.load_or_train(
-        tokenizer_config(cfg), cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
-    )
-    model = ModelConfig.from_dict(model_dict(cfg, tokenizers.model_vocab_size(tokenizer)))
-    return dataclasses.replace(model, mtp=MTPConfig(depth=0)), tokenizer, cfg
 
 
 def bench_config(overrides: list[str]) -> tuple[ModelConfig, int, int]:
@@ -121,10 +94,10 @@ class Run:
             self.optimizer.zero_grad()
         else:
             self.module.zero_grad()
-        if self.ours:
-            moes = self.module.moe_layers() if self.is_model else [self.module]
-            for moe in moes:
-                moe.update_bias(1e-3)
+        if self.ours and self.is_model:
+            self.module.update_moe_biases(progress=0.0)
+        elif self.ours:
+            self.module.update_bias(1e-3)
 
     def tokens_per_s(self) -> float:
         start = self.clock()
@@ -181,8 +154,8 @@ def bench_moe(
         f"max |logit diff| ours vs transformers (fp32) = {diff:.1e}"
     )
     layer = config.num_dense_layers  # the first MoE layer of each model
-    flops = ours.flops_per_token(seq_len)
-    least_flops = ours.flops_per_token(seq_len, causal=True)  # for the ceiling
+    flops = flops_per_token(ours, seq_len)
+    least_flops = flops_per_token(ours, seq_len, causal=True)  # for the ceiling
     rows = []
     for dtype_name, bf16 in (("fp32", False), ("bf16", True)):
         if hf_experts is None:
@@ -281,17 +254,11 @@ def report(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["generate"]:
-        from tinyreason.bench_generate import main as generate_main
-
-        return generate_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m tinyreason.bench",
+        prog="python -m tinyreason.bench moe",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("what", choices=["moe", "generate"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration")

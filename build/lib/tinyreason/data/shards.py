@@ -1,0 +1,230 @@
+"""Tokenize a corpus once into litdata token chunks, cached by (corpus, tokenizer) fingerprint.
+
+Layout:  <data_dir>/<corpus fingerprint>/<tokenizer fingerprint>/
+             manifest.json            per split: documents, tokens, UTF-8 bytes and characters of
+                                      text (special tokens excluded); dtype, vocab size, both
+                                      fingerprints and the sha256 of the tokenizer.json used
+             train/  validation/      litdata token chunks (index.json + chunk-*.bin), as
+                                      `litdata.optimize()` writes them
+
+Documents are concatenated (each already starts with bos and ends with eos) into one token stream
+per split; `StreamingDataset(item_loader=TokensLoader(block_size))` then serves fixed windows.
+A file lock lets parallel sweep jobs share the work: the first writes, the others wait and reuse.
+Shards whose manifest names another corpus, tokenizer or vocabulary than the run's are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from litdata import TokensLoader
+from litdata.streaming.writer import BinaryWriter
+
+from tinyreason.data import packing
+from tinyreason.tokenizer import BOS, EOS, PAD, ROLES
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 2
+_DOCS_PER_ITEM = 256  # documents tokenized per item (one batch call of the tokenizer)
+_CHUNK_TOKENS = 1 << 18  # tokens per chunk file (0.5 MiB at uint16)
+
+
+def shard_dir(
+    data_dir: str | os.PathLike, corpus_fp: str, tokenizer_fp: str, window: int | None = None
+) -> Path:
+    """The stream layout at <corpus>/<tokenizer>; packed conversations at <tokenizer>-packed<W>."""
+    return Path(data_dir) / corpus_fp / (tokenizer_fp + (f"-packed{window}" if window else ""))
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(folder: str):
+    from tinyreason.tokenizer import load
+
+    return load(folder)
+
+
+def tokenizer_sha(tokenizer_dir: str | os.PathLike) -> str:
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def text_size(docs: Sequence[str], added_tokens: Sequence[str]) -> tuple[int, int]:
+    """(UTF-8 bytes, characters) of the documents' text without the added/special token strings:
+    the bytes the tokens' byte lengths add up to, i.e. the denominator of bits per byte."""
+    special = re.compile(
+        "|".join(re.escape(t) for t in sorted(added_tokens, key=len, reverse=True))
+    )
+    texts = [special.sub("", d) if added_tokens else d for d in docs]
+    return sum(len(t.encode("utf-8")) for t in texts), sum(len(t) for t in texts)
+
+
+def _write_tokens(out: Path, docs: Sequence[str], tokenizer_dir: str, dtype: torch.dtype) -> int:
+    """Tokenize documents into litdata token chunks at `out`; returns the number of tokens.
+
+    litdata's `BinaryWriter` in this process writes exactly what `optimize()` writes, without
+    `optimize()`'s spawned worker (seconds of imports per split)."""
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    writer = BinaryWriter(str(out), chunk_size=_CHUNK_TOKENS, item_loader=TokensLoader())
+    num_tokens = 0
+    for index, start in enumerate(range(0, len(docs), _DOCS_PER_ITEM)):
+        ids = tokenizer(list(docs[start : start + _DOCS_PER_ITEM]), add_special_tokens=False)
+        flat = torch.tensor([t for doc in ids["input_ids"] for t in doc], dtype=torch.int64)
+        writer.add_item(index, flat.to(dtype))
+        num_tokens += len(flat)
+    writer.done()
+    writer.merge()
+    return num_tokens
+
+
+def _write_packed(
+    out: Path, docs: Sequence[str], tokenizer_dir: str, window: int, seed: int
+) -> dict[str, int]:
+    """Whole conversations packed into windows of `window` tokens, assistant tokens flagged
+    (`packing.pack`); one window per litdata item and a whole number of windows per chunk, so
+    `TokensLoader(block_size=window)` reads back exactly these windows."""
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    ids_of = tokenizer.convert_tokens_to_ids
+    turn_ids = {ids_of(t) for t in (BOS, ROLES["system"], ROLES["user"])}
+    assistant, eos, pad = ids_of(ROLES["assistant"]), ids_of(EOS), ids_of(PAD)
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    masks = [packing.assistant_mask(d, assistant, turn_ids, eos) for d in ids]
+    flag = packing.loss_flag(len(tokenizer))
+    windows, stats = packing.pack(ids, masks, window, pad, flag, seed)
+    if not windows:
+        raise ValueError(f"no conversation fits in a window of {window} tokens: raise data.seq_len")
+    if stats["skipped_too_long"]:
+        log.warning(
+            "%d of %d conversations are longer than a window of %d tokens and are left out "
+            "(raise data.seq_len to keep them)",
+            stats["skipped_too_long"],
+            len(docs),
+            window,
+        )
+    dtype = torch.uint16 if flag == 1 << 15 else torch.int32
+    per_chunk = max(1, _CHUNK_TOKENS // window) * window
+    writer = BinaryWriter(str(out), chunk_size=per_chunk, item_loader=TokensLoader())
+    for index, w in enumerate(windows):
+        writer.add_item(index, w.to(dtype))
+    writer.done()
+    writer.merge()
+    return {**stats, "loss_flag": flag}
+
+
+def prepare(
+    data_dir: str | os.PathLike,
+    corpus_fp: str,
+    tokenizer_fp: str,
+    tokenizer_dir: str | os.PathLike,
+    vocab_size: int,
+    documents: Callable[[str], list[str]],
+    window: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Write the shards if absent and return the manifest. `documents(split)` gives the texts.
+
+    `window=None`: documents concatenated into one token stream per split (loss on every token).
+    `window=W`: whole conversations packed into windows of W tokens, assistant tokens flagged
+    (`data.loss_on=assistant`); the manifest's `loss_flag` tells the reader how to split them."""
+    root = shard_dir(data_dir, corpus_fp, tokenizer_fp, window)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    sha = tokenizer_sha(tokenizer_dir)
+    with FileLock(str(root) + ".lock"):
+        if (root / MANIFEST).is_file():
+            return read_manifest(root, corpus_fp, tokenizer_fp, vocab_size, sha)
+        added = list(_load_tokenizer(str(tokenizer_dir)).get_added_vocab())
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dtype = token_dtype(vocab_size)
+        splits = {}
+        for split in SPLITS:
+            docs = documents(split)
+            if not docs:
+                raise ValueError(f"the corpus has no documents in split {split!r}")
+            out = tmp / split
+            log.info("tokenizing %d %s documents -> %s", len(docs), split, out)
+            if window is None:
+                packed = {"tokens": _write_tokens(out, docs, str(tokenizer_dir), dtype)}
+            else:
+                packed = _write_packed(out, docs, str(tokenizer_dir), window, seed)
+            num_bytes, num_chars = text_size(docs, added)
+            splits[split] = {
+                "documents": len(docs),
+                **packed,
+                "bytes": num_bytes,
+                "chars": num_chars,
+            }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "corpus_fingerprint": corpus_fp,
+            "tokenizer_fingerprint": tokenizer_fp,
+            "tokenizer_sha256": sha,
+            "vocab_size": vocab_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "window": window,
+            "loss_flag": splits["train"].get("loss_flag"),
+            "splits": splits,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        tmp.rename(root)
+        return manifest
+
+
+def read_manifest(
+    root: Path, corpus_fp: str, tokenizer_fp: str, vocab_size: int, sha: str | None = None
+) -> dict:
+    """Load a shard manifest and refuse shards made from another corpus or tokenizer (by
+    fingerprint, vocabulary size and, when given, the sha256 of the tokenizer.json)."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"shard manifest {root / MANIFEST} is unreadable ({e}); delete {root}"
+        ) from e
+    expected = {
+        "format_version": FORMAT_VERSION,
+        "corpus_fingerprint": corpus_fp,
+        "tokenizer_fingerprint": tokenizer_fp,
+        "vocab_size": vocab_size,
+    }
+    if sha is not None:
+        expected["tokenizer_sha256"] = sha
+    wrong = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
+    if wrong:
+        detail = ", ".join(
+            f"{k}: shards have {a!r}, run needs {b!r}" for k, (a, b) in wrong.items()
+        )
+        raise ValueError(f"shards at {root} do not match this run ({detail}); delete {root}")
+    for split in SPLITS:
+        if not (root / split / "index.json").is_file():
+            raise ValueError(f"shards at {root} lack the {split!r} split; delete {root}")
+    return manifest
+
+
+def bytes_per_token(manifest: dict, split: str = "train") -> float:
+    """Mean UTF-8 bytes of text per token of a split (special tokens count as tokens)."""
+    stats = manifest["splits"][split]
+    return stats["bytes"] / stats["tokens"]
+
+
+def steps_for_bytes(manifest: dict, train_bytes: int, tokens_per_step: int, multiple: int) -> int:
+    """Optimizer steps that read about `train_bytes` of training text, rounded to a multiple of
+    `multiple` (at least one): a fixed budget of bytes gives fewer steps to a tokenizer that
+    packs more bytes into each token."""
+    steps = train_bytes / (bytes_per_token(manifest) * tokens_per_step)
+    return max(multiple, round(steps / multiple) * multiple)

@@ -1,0 +1,261 @@
+"""Decoder block, causal LM with optional multi-token prediction, and weight init.
+
+Ablations are slots on one model: the block's attention is MLA or GQA, its FFN dense or MoE.
+Parameter names are HF's (DeepseekV3 / Llama / Qwen3), so export is a rename-free mapping.
+
+Shape legend: B batch, S sequence, D hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KVCache, LayerCache, Rope, build_attention, rope_cos_sin
+from .config import ModelConfig
+from .layers import MLP, Linear, RMSNorm
+from .moe import Experts, MoE, Router
+from .mtp import MTPModule
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += attn(norm(x)); x += ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig, use_moe: bool) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps)
+        self.self_attn = build_attention(config)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.mlp = MoE(config) if use_moe else MLP(d, config.intermediate_size)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        rope: Rope,
+        cache: LayerCache | None = None,
+        mask_B1ST: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (x [B, S, D], balance loss of the MoE FFN, or None for a dense FFN)."""
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, cache, mask_B1ST)
+        h_BSD = self.post_attention_layernorm(x_BSD)
+        if isinstance(self.mlp, MoE):
+            h_BSD, balance = self.mlp(h_BSD)
+            return x_BSD + h_BSD, balance
+        return x_BSD + self.mlp(h_BSD), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V], main head
+    loss: torch.Tensor | None = None  # ce + mtp.loss_weight * mtp + balance; None without targets
+    ce: torch.Tensor | None = None  # main next-token CE
+    mtp: torch.Tensor | None = None  # mean over depths of each depth's CE (L_MTP / lambda)
+    balance: torch.Tensor | None = None  # alpha-weighted balance loss, mean over MoE layers
+    mtp_logits: tuple[
+        torch.Tensor, ...
+    ] = ()  # depth k: [B, S-k, V]; position i predicts targets[i+k]
+
+
+def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean CE over positions whose target is not IGNORE_INDEX; 0 (not NaN) when there are none."""
+    total = F.cross_entropy(
+        logits_BSV.flatten(0, 1).float(),
+        targets_BS.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / (targets_BS != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is None: set it with config.with_vocab(n)")
+        self.config = config
+        d, eps, has_moe = config.hidden_size, config.rms_norm_eps, config.moe is not None
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(
+            Block(config, use_moe=has_moe and i >= config.num_dense_layers)
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(d, eps)
+        self.lm_head = Linear(d, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # MTP blocks use MoE whenever the model has MoE (HF forces first_k_dense_replace=0 for them).
+        self.mtp = nn.ModuleList(
+            MTPModule(d, eps, Block(config, use_moe=has_moe)) for _ in range(config.mtp.depth)
+        )
+        init_weights(self)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, S] -> logits; with targets [B, S] (targets[t] = token after input_ids[t],
+        IGNORE_INDEX to skip) also the losses and the MTP logits. With a KV cache (decoding), the
+        inputs continue the cached positions and are appended to the cache.
+
+        Batched decoding of left-padded prompts passes `position_ids` [B, S] (each row's own
+        positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding)."""
+        start = 0 if cache is None else cache.length
+        _check_inputs(input_ids, targets, self.config.max_seq_len, start)
+        if cache is not None and targets is not None:
+            raise ValueError("targets and a KV cache do not mix: the cache is for decoding")
+        rope = self._rope(start, input_ids, position_ids)
+        x_BSD = self.embed_tokens(input_ids)
+        balances: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            x_BSD, balance = layer(x_BSD, rope, layer_cache, attn_mask)
+            if balance is not None:
+                balances.append(balance)
+        h_BSD = self.norm(x_BSD)  # also h^0 of MTP
+        out = ModelOutput(logits=self.lm_head(h_BSD))
+        zero = torch.zeros((), device=input_ids.device)
+        if targets is not None:
+            out.ce = cross_entropy(out.logits, targets)
+            out.mtp_logits = self._mtp_logits(input_ids, h_BSD, rope, balances)
+            mtp_ces = [
+                cross_entropy(logits, targets[:, k:])
+                for k, logits in enumerate(out.mtp_logits, start=1)
+            ]
+            out.mtp = torch.stack(mtp_ces).mean() if mtp_ces else zero
+        # Mean over every MoE layer that ran, MTP blocks included.
+        out.balance = torch.stack(balances).mean() if balances else zero
+        if out.ce is not None:
+            out.loss = out.ce + self.config.mtp.loss_weight * out.mtp + out.balance
+        return out
+
+    def _rope(self, start: int, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> Rope:
+        """cos/sin [S, R] for positions start..start+S-1, or [B, S, R] gathered at position_ids."""
+        c = self.config
+        if position_ids is None:
+            cos, sin = rope_cos_sin(
+                start + input_ids.shape[1], c.rope_dim, c.rope_theta, input_ids.device
+            )
+            return cos[start:], sin[start:]
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        cos, sin = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, input_ids.device)
+        return cos[position_ids], sin[position_ids]
+
+    def _mtp_logits(
+        self, input_ids: torch.Tensor, h_BSD: torch.Tensor, rope: Rope, balances: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """Depth k covers positions i = 0..S-k-1 (nothing wraps around): position i sees h^{k-1}_i
+        and Emb(input_ids[i+k]) and predicts targets[i+k], i.e. input token i+k+1 (eqs. 21-24).
+        Appends each MTP block's balance loss to `balances`."""
+        logits: list[torch.Tensor] = []
+        for k, module in enumerate(self.mtp, start=1):
+            n = input_ids.shape[1] - k
+            if n <= 0:
+                break
+            emb_BnD = self.embed_tokens(input_ids[:, k:])
+            h_BSD, balance = module(emb_BnD, h_BSD[:, :n], (rope[0][:n], rope[1][:n]))
+            if balance is not None:
+                balances.append(balance)
+            logits.append(self.lm_head(h_BSD))
+        return tuple(logits)
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE FFN, main layers first, then MTP blocks (for the per-step bias update)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def update_moe_biases(
+        self, progress: float, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[float, torch.Tensor | None]:
+        """DeepSeek-V3's aux-loss-free balancing, once per optimizer step, outside forward:
+        every MoE layer's bias += gamma * sign(mean load - load), from the tokens it routed since
+        the last update (`reduce` sums those counts over data-parallel ranks). gamma follows
+        `config.moe.bias_gamma(progress)`, progress in [0, 1). Returns (gamma, counts [L, E])."""
+        layers = self.moe_layers()
+        if not layers:
+            return 0.0, None
+        counts_LE = torch.stack([m.tokens_per_expert for m in layers])
+        if reduce is not None:
+            counts_LE = reduce(counts_LE)
+        gamma = self.config.moe.bias_gamma(progress)
+        for m, counts_E in zip(layers, counts_LE, strict=True):
+            m.tokens_per_expert.copy_(counts_E)
+            m.update_bias(gamma)
+        return gamma, counts_LE
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+
+def _check_inputs(
+    input_ids: torch.Tensor, targets: torch.Tensor | None, max_seq_len: int, start: int = 0
+) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if start + input_ids.shape[1] > max_seq_len:
+        cached = f" after {start} cached ones" if start else ""
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} positions{cached} > max_seq_len {max_seq_len}"
+        )
+    if targets is not None and targets.shape != input_ids.shape:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
+
+
+def init_weights(model: nn.Module, config: ModelConfig | None = None) -> None:
+    """Initialise every tensor of `model` (a CausalLM, or any sub-module given `config`).
+
+    | tensor                                              | init                               |
+    |-----------------------------------------------------|------------------------------------|
+    | embed_tokens.weight                                 | N(0, init_std)                     |
+    | nn.Linear weights (q/kv/k/v projections, gate_proj, | N(0, init_std)                     |
+    |   up_proj, eh_proj, lm_head)                        |                                    |
+    | mlp.experts.gate_up_proj (routed, [E, 2F, D])       | N(0, init_std)                     |
+    | o_proj.weight, down_proj.weight (dense MLP, shared  | N(0, init_std / sqrt(2*num_layers))|
+    |   experts, MTP blocks), mlp.experts.down_proj       |                                    |
+    | mlp.gate.weight (router)                            | N(0, init_std)                     |
+    | mlp.gate.e_score_correction_bias                    | 0                                  |
+    | every RMSNorm weight                                | 1                                  |
+    | mlp.tokens_per_expert, mlp.last_load (counters)     | 0                                  |
+
+    o_proj and down_proj write into the residual stream. Each block adds two such branches, so
+    the stream is a sum of 2*num_layers terms; scaling their init by 1/sqrt(2*num_layers) keeps
+    its variance at init independent of depth (GPT-2, Radford et al. 2019, §2.3).
+    A tied lm_head shares the embedding tensor and is initialised once with the same law.
+    """
+    config = config if config is not None else model.config
+    std = config.init_std
+    residual_std = std / math.sqrt(2 * config.num_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_residual = name.rsplit(".", 1)[-1] in ("o_proj", "down_proj")
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=residual_std)
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, MoE):
+            module.tokens_per_expert.zero_()
+            module.last_load.zero_()

@@ -1,0 +1,136 @@
+"""LitCausalLM: the LightningModule around `tinyreason.model.CausalLM`.
+
+It takes plain dicts (saved as hyper-parameters, so `load_from_checkpoint` rebuilds the model on
+its own), builds the model in `configure_model`, and logs losses, BPB, perplexity, lr, grad norm
+and tokens seen (the x-axis of every dashboard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from tinyreason.data.packing import split_flags
+from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.model.hf import load_weights
+from tinyreason.model.transformer import IGNORE_INDEX
+from tinyreason.tokenizer import model_vocab_size, token_byte_lengths
+from tinyreason.training.metrics import BitsPerByte
+from tinyreason.training.optim import OptimConfig, build_optimizer
+from tinyreason.training.precision import PrecisionConfig, apply_precision
+
+
+class LitCausalLM(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        precision: dict | None = None,
+        loss_flag: int | None = None,
+    ) -> None:
+        super().__init__()
+        # data.loss_on=assistant: the shards flag supervised tokens by adding this bit (packing.py)
+        self.loss_flag = loss_flag
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_dict(model)
+        self.optim_config = OptimConfig(**{**optim, "betas": tuple(optim["betas"])})
+        self.precision_config = PrecisionConfig(**(precision or {}))
+        self.model: CausalLM | None = None
+        # UTF-8 bytes of each token id, for BPB; saved with the checkpoint, filled by `train`.
+        self.register_buffer(
+            "token_bytes", torch.zeros(self.model_config.vocab_size, dtype=torch.int32)
+        )
+        self.val_bpb = BitsPerByte()
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.run_config: dict | None = None  # the composed config, stored in every checkpoint
+
+    @classmethod
+    def from_run(cls, run, datamodule) -> LitCausalLM:
+        """The pretraining stage's module for a `RunConfig` and its prepared data: the model
+        sized to the tokenizer, BPB's byte table, a Hugging Face start's weights."""
+        data = datamodule.prepared
+        model = run.model_for(model_vocab_size(data.tokenizer))
+        optim = dataclasses.asdict(run.optim)
+        module = cls(
+            model.to_dict(),
+            optim,
+            dataclasses.asdict(run.precision),
+            data.manifest.get("loss_flag"),
+        )
+        module.token_bytes.copy_(token_byte_lengths(data.tokenizer, model.vocab_size))
+        module.run_config = run.composed
+        if run.init_from is not None and run.resume is None:  # a resume has its own weights
+            module.configure_model()
+            load_weights(module.model, run.init_from)
+        return module
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["run_config"] = self.run_config
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = CausalLM(self.model_config)
+        apply_precision(self.model, self.precision_config)  # FP8 options convert the GEMMs
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.global_step * self._tokens_per_step
+
+    @property
+    def _tokens_per_step(self) -> int:
+        trainer = self.trainer
+        batch = trainer.datamodule.batch_size * trainer.datamodule.seq_len
+        return batch * trainer.world_size * trainer.accumulate_grad_batches
+
+    def _inputs_targets(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window [B, S+1] -> inputs [B, S], targets [B, S] (IGNORE_INDEX where not supervised)."""
+        ids, supervised = split_flags(batch, self.loss_flag)
+        targets = ids[:, 1:]
+        if supervised is not None:
+            targets = targets.masked_fill(~supervised[:, 1:], IGNORE_INDEX)
+        return ids[:, :-1], targets
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        inputs, targets = self._inputs_targets(batch)
+        out = self.model(inputs, targets)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({"train/ce": out.ce, "train/mtp": out.mtp, "train/balance": out.balance})
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("tokens", float(self.tokens_seen + self._tokens_per_step))
+        return out.loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        inputs, targets = self._inputs_targets(batch)
+        out = self.model(inputs, targets)
+        logits = out.logits.float()
+        nats = F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+        )
+        counted = targets != IGNORE_INDEX  # ignored targets count no bytes
+        token_bytes = torch.where(counted, self.token_bytes[targets.clamp(min=0)], 0)
+        self.val_bpb.update(nats, token_bytes.flatten())
+        self.val_ppl.update(logits, targets)
+        self.log("val/loss", out.ce, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/bpb", self.val_bpb.compute(), prog_bar=True)
+        self.log("val/ppl", self.val_ppl.compute())
+        self.log("tokens", float(self.tokens_seen))
+        self.val_bpb.reset()
+        self.val_ppl.reset()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        self.log("grad_norm", torch.stack(norms).norm() if norms else torch.tensor(0.0))
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model, self.optim_config)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

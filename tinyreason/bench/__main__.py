@@ -1,0 +1,22 @@
+"""`python -m tinyreason.bench moe | generate [options]`."""
+
+from __future__ import annotations
+
+import sys
+
+from tinyreason.bench import generate, moe
+
+COMMANDS = {"moe": moe.main, "generate": generate.main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(
+            f"usage: python -m tinyreason.bench {{{' | '.join(COMMANDS)}}} [options] (-h for each)"
+        )
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The run config: the composed Hydra config, typed and checked in one pass before any work.
+
+`RunConfig.from_hydra(cfg)` builds every section's dataclass (model, data, tokenizer, optim,
+precision, trainer, logger, budget, eval, stage, checkpoint); a bad value fails here with a
+message naming the key, before a tokenizer is trained or a shard written. Nothing edits the Hydra
+config: what differs from it (a byte budget's step count, the vocabulary of the tokenizer, a
+Hugging Face model's architecture) is derived here from the config itself, so the saved
+`.hydra/config.yaml` (and the copy in every checkpoint, `composed`) reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tinyreason.checkpoints import check_exportable, resolve_resume
+from tinyreason.data import packing, synthetic
+from tinyreason.data.shards import steps_for_bytes
+from tinyreason.data.sources import Corpus, ReasoningCorpus, build_corpus, dataclass_from_dict
+from tinyreason.evaluation import EvalConfig
+from tinyreason.model import ModelConfig
+from tinyreason.model.hf import read_hf_config
+from tinyreason.tokenizer import TokenizerConfig
+from tinyreason.training.optim import OptimConfig
+from tinyreason.training.precision import PrecisionConfig
+
+LOGGERS = ("wandb", "csv", "none")
+# training-only knobs a Hugging Face start (`model.init_from`) takes from the model group
+_HF_TRAINING_KNOBS = {
+    "moe": ("balance", "balance_alpha", "bias_update_speed", "bias_update_until"),
+    "mtp": ("loss_weight",),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    corpus: Corpus
+    loss_on: str = "all"  # assistant: whole conversations per window, loss on assistant turns
+    seq_len: int = 512
+    batch_size: int = 8
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in packing.LOSS_ON:
+            raise ValueError(f"data.loss_on={self.loss_on!r} is not one of {list(packing.LOSS_ON)}")
+        if self.loss_on == "assistant" and not isinstance(self.corpus, ReasoningCorpus):
+            raise ValueError(
+                f"data.loss_on=assistant needs conversations (data=reasoning); data={self.name} "
+                "is plain text: use data.loss_on=all"
+            )
+        for key in ("seq_len", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"data.{key} must be positive, got {getattr(self, key)}")
+
+    @property
+    def window(self) -> int | None:
+        """Packed windows of seq_len + 1 tokens (loss_on=assistant), or None: the token stream."""
+        return self.seq_len + 1 if self.loss_on == "assistant" else None
+
+    @property
+    def problems(self) -> synthetic.CorpusConfig | None:
+        """The embedded corpus' config, whose held-out problems exact match answers."""
+        return self.corpus.config if isinstance(self.corpus, ReasoningCorpus) else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        d = dict(d)
+        d.pop("paths", None)  # text_files: the `corpus.paths` it interpolates into
+        name, corpus = d.pop("name"), d.pop("corpus")
+        return dataclass_from_dict(
+            cls, {"name": name, "corpus": build_corpus(name, corpus), **d}, "data"
+        )
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Keyword arguments of `lightning.Trainer` (precision comes from the precision group)."""
+
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    max_steps: int = 400
+    val_check_interval: int = 100  # in training batches
+    limit_val_batches: int | float = 16
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0 or self.accumulate_grad_batches <= 0 or self.val_check_interval <= 0:
+            raise ValueError(
+                "trainer.max_steps, accumulate_grad_batches and val_check_interval must be "
+                f"positive, got {self.max_steps}, {self.accumulate_grad_batches}, "
+                f"{self.val_check_interval}"
+            )
+        batches = self.max_steps * self.accumulate_grad_batches
+        if batches % self.val_check_interval:
+            raise ValueError(
+                f"trainer.max_steps x accumulate_grad_batches ({batches}) must be a multiple of "
+                f"trainer.val_check_interval ({self.val_check_interval}), so the last step is "
+                "validated and checkpointed"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.devices if isinstance(self.devices, int) else 1
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A fixed budget of training text (vocabulary comparisons): `train_bytes` sets the steps from
+    the shards' bytes/token, with `num_evals` validations spread evenly over the run."""
+
+    train_bytes: int | None = None
+    num_evals: int = 4
+
+    def __post_init__(self) -> None:
+        if self.train_bytes is not None and (self.train_bytes <= 0 or self.num_evals < 1):
+            raise ValueError(
+                "budget.train_bytes and budget.num_evals must be positive, got "
+                f"{self.train_bytes}, {self.num_evals}"
+            )
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    name: str = "wandb"  # wandb (+ csv) | csv | none
+    project: str = "tinyreason"
+    offline: bool | None = None  # wandb: None = offline unless WANDB_API_KEY is set
+
+    def __post_init__(self) -> None:
+        if self.name not in LOGGERS:
+            raise ValueError(f"logger.name={self.name!r} is not one of {list(LOGGERS)}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """`stage`: which LightningModule and LightningDataModule a run builds (import paths); each
+    class has `from_run(run, ...)`. A new stage is a new module pair and a YAML, not a branch."""
+
+    name: str = "pretrain"
+    module: str = "tinyreason.training.module.LitCausalLM"
+    datamodule: str = "tinyreason.data.datamodule.PretrainDataModule"
+
+    def classes(self) -> tuple[type, type]:
+        return _import(self.module, "stage.module"), _import(self.datamodule, "stage.datamodule")
+
+
+def _import(path: str, key: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{key}={path!r} is not an importable class ({err})") from err
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    stage: StageConfig
+    model: ModelConfig  # vocab_size None until the tokenizer is known: `model_for(vocab)`
+    init_from: Path | None  # a Hugging Face folder whose weights the run starts from
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    optim: OptimConfig
+    precision: PrecisionConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    budget: BudgetConfig
+    eval: EvalConfig
+    export_hf: bool
+    moe_heatmap_every: int | None
+    seed: int
+    resume: Path | None  # the checkpoint `ckpt_path` names
+    run_dir: Path
+    cache_dir: Path
+    composed: dict[str, Any] = field(compare=False, repr=False)  # the resolved Hydra config
+
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig) -> RunConfig:
+        c = OmegaConf.to_container(cfg, resolve=True)
+        c.pop("hydra", None)
+        trainer = dataclass_from_dict(TrainerConfig, c["trainer"], "trainer")
+        data = DataConfig.from_dict(c["data"])
+        model, init_from, tokenizer = _model_and_tokenizer(c["model"], c["tokenizer"], data)
+        if c["export"]["hf"]:  # fail now, not after training, if transformers has no class
+            check_exportable(model, drop_mtp=exports_without_mtp(model))
+        every = c.get("moe_heatmap_every")
+        if every is not None and (not isinstance(every, int) or every <= 0):
+            raise ValueError(
+                f"moe_heatmap_every must be a positive number of steps or null, got {every!r}"
+            )
+        optim = {**c["optim"], "betas": tuple(c["optim"]["betas"])}
+        return cls(
+            stage=dataclass_from_dict(StageConfig, c.get("stage") or {}, "stage"),
+            model=model,
+            init_from=init_from,
+            data=data,
+            tokenizer=tokenizer,
+            optim=OptimConfig(**optim, total_steps=trainer.max_steps),
+            precision=dataclass_from_dict(PrecisionConfig, c["precision"], "precision"),
+            trainer=trainer,
+            logger=dataclass_from_dict(LoggerConfig, c["logger"], "logger"),
+            budget=dataclass_from_dict(BudgetConfig, c.get("budget") or {}, "budget"),
+            eval=EvalConfig.from_dict(c["eval"]),
+            export_hf=bool(c["export"]["hf"]),
+            moe_heatmap_every=every,
+            seed=c["seed"],
+            resume=resolve_resume(c["ckpt_path"], c["run_dir"]),
+            run_dir=Path(c["run_dir"]),
+            cache_dir=Path(c["cache_dir"]),
+            composed=c,
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.trainer
+        return self.data.batch_size * self.data.seq_len * t.accumulate_grad_batches * t.world_size
+
+    def model_for(self, vocab_size: int) -> ModelConfig:
+        """The model with the tokenizer's (padded) vocabulary; a Hugging Face start keeps its own
+        rows when it has more."""
+        return self.model.with_vocab(max(self.model.vocab_size or 0, vocab_size))
+
+    def for_manifest(self, manifest: dict) -> RunConfig:
+        """With `budget.train_bytes`: the same run for the steps that read that much training
+        text at this tokenizer's bytes/token (shard manifest), `budget.num_evals` validations."""
+        b, t = self.budget, self.trainer
+        if b.train_bytes is None:
+            return self
+        steps = steps_for_bytes(manifest, b.train_bytes, self.tokens_per_step, b.num_evals)
+        trainer = dataclasses.replace(
+            t, max_steps=steps, val_check_interval=steps * t.accumulate_grad_batches // b.num_evals
+        )
+        optim = dataclasses.replace(self.optim, total_steps=steps)
+        return dataclasses.replace(self, trainer=trainer, optim=optim)
+
+
+def exports_without_mtp(model: ModelConfig) -> bool:
+    """Llama / Qwen3 have no MTP layers: the end-of-run export of a GQA model leaves MTP out."""
+    return model.attention.kind == "gqa"
+
+
+def _model_and_tokenizer(
+    group: dict, tokenizer: dict, data: DataConfig
+) -> tuple[ModelConfig, Path | None, TokenizerConfig]:
+    """The model group (vocabulary from the tokenizer), or with `model.init_from=<HF folder>` that
+    folder's architecture and tokenizer, with the group's training-only knobs."""
+    group = dict(group)
+    group.pop("name", None)
+    init_from = group.pop("init_from", None)
+    if "vocab_size" in group:
+        raise ValueError("model.vocab_size is derived from the tokenizer; do not set it")
+    if not init_from:
+        model = ModelConfig.from_dict({**group, "vocab_size": None, "max_seq_len": data.seq_len})
+        return model, None, dataclass_from_dict(TokenizerConfig, tokenizer, "tokenizer")
+    folder = Path(init_from)
+    model = read_hf_config(folder).to_dict()
+    for section, knobs in _HF_TRAINING_KNOBS.items():
+        if model[section] and group.get(section):
+            model[section].update({k: group[section][k] for k in knobs if k in group[section]})
+    if data.seq_len > model["max_seq_len"]:
+        raise ValueError(
+            f"data.seq_len={data.seq_len} > max_position_embeddings={model['max_seq_len']} of {folder}"
+        )
+    return ModelConfig.from_dict(model), folder, TokenizerConfig(kind="hf", path=str(folder))
