@@ -112,9 +112,8 @@ def test_the_run_config_does_not_edit_the_hydra_config(make_cfg, tmp_path):
     tok = train_bpe(
         [chat_document("What is 2 + 2?", "Answer: 4")] * 50, TokenizerConfig(vocab_size=300)
     )
-    folder = export_model(
-        CausalLM(debug_config(vocab_size=320, kind="dense")), tok, tmp_path / "hf"
-    )
+    model = CausalLM(debug_config(vocab_size=320, kind="dense"))
+    folder = export_model(model, tok, tmp_path / "hf", drop_mtp=True)
     cfg = make_cfg(f"model.init_from={folder}", "data.seq_len=64", "export.hf=false")
     before = OmegaConf.to_yaml(cfg)
     run = RunConfig.from_hydra(cfg)

@@ -178,8 +178,9 @@ def test_debug_run_starts_quietly_and_stores_its_config_in_every_checkpoint(cach
     output = proc.stdout + proc.stderr
     for noise in ("torchao", "Failed to load", "LeafSpec", "litlogger", "KernelPreference"):
         assert noise not in output, noise
-    saved = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=True)
-    saved["run_dir"] = str(run)  # `${hydra:runtime.output_dir}` resolves only inside the app
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    saved.run_dir = str(run)  # `${hydra:runtime.output_dir}` resolves only inside the app
+    saved = OmegaConf.to_container(saved, resolve=True)
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
     assert len(ckpts) >= 2
     for ckpt in ckpts:

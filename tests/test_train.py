@@ -123,14 +123,18 @@ def test_resume_continues_steps_and_data_position(make_cfg, tmp_path, data):
 
 def test_debug_fast_trains_on_your_own_text(make_cfg, tmp_path):
     """`debug=fast data=text_files data.paths=[mine.txt]`: the fast way to try your own text (a
-    few KB: debug's documents of 1,000 characters, one of them for validation)."""
+    few KB: debug's documents of 1,000 characters, a tenth of them for validation); a file too
+    small for one validation window is refused with a message, not an IndexError at step 0."""
     text = tmp_path / "mine.txt"
-    lines = [f"Line {i}: {i} apples and {i * 3} pears make {i * 4} fruits." for i in range(150)]
+    lines = [f"Line {i}: {i} apples and {i * 3} pears make {i * 4} fruits." for i in range(1200)]
     text.write_text("\n".join(lines), encoding="utf-8")
     cfg = make_cfg("debug=fast", "data=text_files", f"data.paths=[{text}]", "logger=none")
-    metrics = train(cfg)
+    metrics = train(cfg)  # 30 training documents, 3 for validation
     assert metrics["val/bpb"] < metrics["val/bpb_first"]
     assert "test/exact_match" not in metrics  # plain text has no problems to answer
+    text.write_text("\n".join(lines[:600]), encoding="utf-8")
+    with pytest.raises(ValueError, match="validation split has .* fewer than one batch"):
+        train(make_cfg("debug=fast", "data=text_files", f"data.paths=[{text}]", "logger=none"))
 
 
 def test_shards_are_reused_and_described_by_a_manifest(make_cfg, cache_dir):

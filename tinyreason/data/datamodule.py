@@ -63,6 +63,15 @@ class PretrainDataModule(L.LightningDataModule):
         prepared = prepare_data(d.corpus, run.tokenizer, run.cache_dir, d.window)
         datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
         datamodule.prepared = prepared
+        for split, stats in prepared.manifest["splits"].items():
+            windows = datamodule.num_windows(split)
+            if windows < d.batch_size:  # the loaders drop an incomplete last batch
+                raise ValueError(
+                    f"the {split} split has {stats['tokens']:,} tokens: {windows} window(s) of "
+                    f"data.seq_len + 1 = {d.seq_len + 1}, fewer than one batch of "
+                    f"data.batch_size = {d.batch_size}; lower data.seq_len or data.batch_size, or "
+                    "give it more text (data.corpus.val_fraction: the validation share)"
+                )
         return datamodule
 
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
