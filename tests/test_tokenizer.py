@@ -10,6 +10,8 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyreason import tokenizer as tk
 from tinyreason.data import synthetic
+from tinyreason.tokenizer import __main__ as tkm
+from tinyreason.tokenizer import build as tkb
 
 TEXTS = [
     "Tom buys 3 apples at 12 dollars each. How much does he pay?",
@@ -147,7 +149,7 @@ def test_packaged_vocabularies_keep_vendor_ids_and_append_ours(built):
 
 
 def test_deepseek_matches_its_tokenizer_json(built):
-    raw = Tokenizer.from_file(str(tk._deepseek_file()))
+    raw = Tokenizer.from_file(str(tkb._deepseek_file()))
     _, tok = built["deepseek_v4"]
     for text in bilingual_text():
         assert tok(text, add_special_tokens=False)["input_ids"] == raw.encode(text).ids
@@ -210,7 +212,7 @@ def test_missing_tokenizer_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         tk.load(tmp_path)
     with pytest.raises(ValueError, match="no such folder"):
-        tk.from_hf(str(tmp_path / "absent"))
+        tkb.from_hf(str(tmp_path / "absent"))
 
 
 def test_corrupt_tokenizer_folder_is_a_clear_error(tmp_path):
@@ -219,19 +221,19 @@ def test_corrupt_tokenizer_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         tk.load(tmp_path)
     with pytest.raises(ValueError, match="not a loadable tokenizer folder"):
-        tk.from_hf(str(tmp_path))
+        tkb.from_hf(str(tmp_path))
     with pytest.raises(ValueError, match="cannot read tokenizer file"):
-        tk.from_tokenizer_json(tmp_path / "tokenizer.json")
+        tkb.from_tokenizer_json(tmp_path / "tokenizer.json")
 
 
 def test_hub_id_without_network_says_how_to_pass_a_folder(monkeypatch):
-    monkeypatch.setattr(tk, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(tkb, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match=r"tokenizer.path=<folder>"):
-        tk.from_hf("some-org/not-cached-here")
+        tkb.from_hf("some-org/not-cached-here")
 
 
 def test_compare_report_covers_every_option(built, make_cfg):
-    rows = tk.compare(make_cfg("debug=fast"), [400])
+    rows = tkm.compare(make_cfg("debug=fast"), [400])
     names = [r["option"] for r in rows]
     assert names == ["bpe 400", "deepseek_v4", "qwen qwen2.5", "qwen qwen3.6", "cl100k"]
     by_name = {r["option"]: r for r in rows}
@@ -241,5 +243,5 @@ def test_compare_report_covers_every_option(built, make_cfg):
             assert row[f"{lang}_bytes_per_token"] >= row[f"{lang}_chars_per_token"] > 0.5
     # a 100k vocabulary packs more English into a token than a 400-token BPE
     assert by_name["cl100k"]["en_bytes_per_token"] > by_name["bpe 400"]["en_bytes_per_token"]
-    table = tk.format_table(rows)
+    table = tkm.format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| cl100k | 100,264 |" in table

@@ -35,7 +35,6 @@ import logging
 import re
 from pathlib import Path
 
-import jinja2
 import yaml
 
 from tinyreason.data import synthetic
@@ -48,7 +47,7 @@ from tinyreason.evaluation import (
     file_items,
     file_set_name,
 )
-from tinyreason.tokenizer import BOS, CHAT_TEMPLATE, EOS
+from tinyreason.tokenizer import EOS, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +60,8 @@ from tinyreason.lm_eval_task import process_results  # noqa: F401
 
 
 def prompt_template() -> str:
-    """Our chat template with a generation prompt around lm-eval's `{{question}}` placeholder."""
-    messages = [{"role": "user", "content": "{{question}}"}]
-    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
-    return template.render(
-        messages=messages, bos_token=BOS, eos_token=EOS, add_generation_prompt=True
-    )
+    """Our chat template's generation prompt around lm-eval's `{{question}}` placeholder."""
+    return chat_prompt("{{question}}")
 
 
 def is_correct(check: str, gold: str, completion: str) -> bool:
@@ -131,6 +126,7 @@ def _write_yaml(path: Path, config: dict, function: str | None = None) -> None:
 def export_tasks(folder: Path, corpus: synthetic.CorpusConfig, config: EvalConfig) -> list[Path]:
     """Write the jsonl files, task YAMLs, group and utils.py to `folder`; return the paths written."""
     folder, sets = Path(folder), _sets(corpus, config)
+    max_new = config.options.max_new_tokens
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (check, items) in sets.items():
@@ -151,8 +147,7 @@ def export_tasks(folder: Path, corpus: synthetic.CorpusConfig, config: EvalConfi
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
         )
         task = folder / f"{PREFIX}{name}.yaml"
-        config = task_config(name, data, config.options.max_new_tokens)
-        _write_yaml(task, config, "utils.process_results")
+        _write_yaml(task, task_config(name, data, max_new), "utils.process_results")
         written += [data, task]
     main = "test" if "test" in sets else next(iter(sets))
     group = {

@@ -12,7 +12,9 @@ from pathlib import Path
 import lightning as L
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
+from tinyreason.data.conversations import ConversationsCorpus, SFTConfig
 from tinyreason.data.prepare import PreparedData, prepare_data
+from tinyreason.data.sources import Corpus, ReasoningCorpus
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
@@ -60,7 +62,9 @@ class PretrainDataModule(L.LightningDataModule):
         """The pretraining stage's data for a `RunConfig`: its tokenizer and token shards, built
         or reused from the cache (the stream, or packed conversations with loss_on=assistant)."""
         d = run.data
-        prepared = prepare_data(d.corpus, run.tokenizer, run.cache_dir, d.window)
+        prepared = prepare_data(
+            cls.corpus_of(run), run.tokenizer, run.cache_dir, cls.window_of(run)
+        )
         datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
         datamodule.prepared = prepared
         for split, stats in prepared.manifest["splits"].items():
@@ -73,6 +77,14 @@ class PretrainDataModule(L.LightningDataModule):
                     "give it more text (data.corpus.val_fraction: the validation share)"
                 )
         return datamodule
+
+    @staticmethod
+    def corpus_of(run) -> Corpus:
+        return run.data.corpus
+
+    @staticmethod
+    def window_of(run) -> int | None:
+        return run.data.window
 
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         return StreamingDataset(
@@ -100,3 +112,25 @@ class PretrainDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
         )
+
+
+class SFTDataModule(PretrainDataModule):
+    """`stage=sft`: conversations (`ConversationsCorpus`: the embedded corpus and `sft.files`)
+    packed whole into windows of seq_len + 1, the assistant tokens flagged for the loss."""
+
+    @staticmethod
+    def corpus_of(run) -> Corpus:
+        options: SFTConfig = run.stage_options
+        base = run.data.corpus if options.corpus else None
+        if base is not None and not isinstance(base, ReasoningCorpus):
+            raise ValueError(
+                f"sft.corpus=true takes the conversations of data=reasoning, not data="
+                f"{run.data.name}: set sft.corpus=false and give sft.files"
+            )
+        if base is None and not options.files:
+            raise ValueError("stage=sft has no data: sft.corpus=false and sft.files=[]")
+        return ConversationsCorpus(options, base)
+
+    @staticmethod
+    def window_of(run) -> int | None:
+        return run.data.seq_len + 1

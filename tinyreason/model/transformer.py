@@ -128,7 +128,7 @@ class CausalLM(nn.Module):
         zero = torch.zeros((), device=input_ids.device)
         if targets is not None:
             out.ce = cross_entropy(out.logits, targets)
-            out.mtp_logits = self._mtp_logits(input_ids, h_BSD, rope, balances)
+            out.mtp_logits = self._mtp_logits(input_ids, h_BSD, rope, balances, attn_mask)
             mtp_ces = [
                 cross_entropy(logits, targets[:, k:])
                 for k, logits in enumerate(out.mtp_logits, start=1)
@@ -156,7 +156,12 @@ class CausalLM(nn.Module):
         return cos[position_ids], sin[position_ids]
 
     def _mtp_logits(
-        self, input_ids: torch.Tensor, h_BSD: torch.Tensor, rope: Rope, balances: list[torch.Tensor]
+        self,
+        input_ids: torch.Tensor,
+        h_BSD: torch.Tensor,
+        rope: Rope,
+        balances: list[torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Depth k covers positions i = 0..S-k-1 (nothing wraps around): position i sees h^{k-1}_i
         and Emb(input_ids[i+k]) and predicts targets[i+k], i.e. input token i+k+1 (eqs. 21-24).
@@ -167,7 +172,9 @@ class CausalLM(nn.Module):
             if n <= 0:
                 break
             emb_BnD = self.embed_tokens(input_ids[:, k:])
-            h_BSD, balance = module(emb_BnD, h_BSD[:, :n], (rope[0][:n], rope[1][:n]))
+            rope_n = (rope[0][..., :n, :], rope[1][..., :n, :])  # [S, R] or [B, S, R]
+            mask_n = None if attn_mask is None else attn_mask[..., :n, :n]
+            h_BSD, balance = module(emb_BnD, h_BSD[:, :n], rope_n, mask_n)
             if balance is not None:
                 balances.append(balance)
             logits.append(self.lm_head(h_BSD))

@@ -15,6 +15,7 @@ from .special import (
     ADDED_TOKENS,
     BOS,
     CHAT_TEMPLATE,
+    EMPTY_THINK,
     EOS,
     PAD,
     ROLES,
@@ -22,6 +23,8 @@ from .special import (
     THINK_CLOSE,
     THINK_OPEN,
     chat_document,
+    chat_prompt,
+    without_think,
 )
 
 __all__ = [
@@ -38,7 +41,10 @@ __all__ = [
     "THINK_OPEN",
     "TokenizerConfig",
     "VOCAB_MULTIPLE",
+    "EMPTY_THINK",
     "chat_document",
+    "chat_prompt",
+    "without_think",
     "load",
     "load_or_train",
     "model_vocab_size",

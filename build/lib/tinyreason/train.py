@@ -122,11 +122,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     # `trainer` and `precision` default to cpu / fp32 in the YAML (a CPU without native bf16 runs
-    # bf16 GEMMs ~100x slower than fp32); with CUDA, pick gpu / bf16 unless the user chose.
+    # bf16 GEMMs ~100x slower than fp32); with CUDA, pick gpu / bf16 unless the user chose (an
+    # experiment pins its precision: a command-line bf16 would override it).
     if torch.cuda.is_available():
-        for group, option in (("trainer", "gpu"), ("precision", "bf16")):
-            if not any(a.lstrip("+~").startswith(f"{group}=") for a in sys.argv[1:]):
-                sys.argv.append(f"{group}={option}")
+        chosen = [a.lstrip("+~").split("=")[0] for a in sys.argv[1:]]
+        if "trainer" not in chosen:
+            sys.argv.append("trainer=gpu")
+        if "precision" not in chosen and "experiment" not in chosen:
+            sys.argv.append("precision=bf16")
     quiet_start()
     _hydra_main()
 

@@ -107,3 +107,16 @@ def split_flags(batch: torch.Tensor, flag: int | None) -> tuple[torch.Tensor, to
     if flag is None:
         return batch, None
     return batch % flag, batch >= flag
+
+
+def document_masks(ids: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention kept inside each packed conversation: (position_ids [B, S], counting from 0 at
+    each bos; attn_mask [B, 1, S, S], True where query and key are in the same conversation and
+    the key is not later). Padding after the last conversation joins it (never supervised)."""
+    B, S = ids.shape
+    doc_BS = torch.cumsum(ids == bos_id, dim=1)
+    index = torch.arange(S, device=ids.device).expand(B, S)
+    start_BS = torch.cummax(torch.where(ids == bos_id, index, 0), dim=1).values  # its bos
+    causal = torch.ones(S, S, dtype=torch.bool, device=ids.device).tril()
+    same = doc_BS[:, :, None] == doc_BS[:, None, :]
+    return index - start_BS, (same & causal)[:, None]

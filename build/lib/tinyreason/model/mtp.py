@@ -30,7 +30,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(hidden_size, eps)
 
     def forward(
-        self, emb_BSD: torch.Tensor, h_prev_BSD: torch.Tensor, rope: Rope
+        self,
+        emb_BSD: torch.Tensor,
+        h_prev_BSD: torch.Tensor,
+        rope: Rope,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """emb = Emb(t_{i+k}) and h^{k-1}_i, aligned per position -> (h^k [B, S, D], balance loss).
 
@@ -38,5 +42,5 @@ class MTPModule(nn.Module):
         h^{k-1}, like h^0, which is the main model's final-normed state (Megatron does the same).
         """
         h_BSD = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_prev_BSD)], dim=-1))
-        h_BSD, balance = self.block(h_BSD, rope)
+        h_BSD, balance = self.block(h_BSD, rope, None, attn_mask)
         return self.norm(h_BSD), balance

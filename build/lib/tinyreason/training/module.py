@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from tinyreason.checkpoints import load_init_weights
 from tinyreason.data.packing import split_flags
 from tinyreason.model import CausalLM, ModelConfig
-from tinyreason.model.hf import load_weights
 from tinyreason.model.transformer import IGNORE_INDEX
 from tinyreason.tokenizer import model_vocab_size, token_byte_lengths
 from tinyreason.training.metrics import BitsPerByte
@@ -49,7 +49,7 @@ class LitCausalLM(L.LightningModule):
         self.run_config: dict | None = None  # the composed config, stored in every checkpoint
 
     @classmethod
-    def from_run(cls, run, datamodule) -> LitCausalLM:
+    def from_run(cls, run, datamodule, **extra) -> LitCausalLM:
         """The pretraining stage's module for a `RunConfig` and its prepared data: the model
         sized to the tokenizer, BPB's byte table, a Hugging Face start's weights."""
         data = datamodule.prepared
@@ -60,12 +60,13 @@ class LitCausalLM(L.LightningModule):
             optim,
             dataclasses.asdict(run.precision),
             data.manifest.get("loss_flag"),
+            **extra,
         )
         module.token_bytes.copy_(token_byte_lengths(data.tokenizer, model.vocab_size))
         module.run_config = run.composed
         if run.init_from is not None and run.resume is None:  # a resume has its own weights
             module.configure_model()
-            load_weights(module.model, run.init_from)
+            load_init_weights(module.model, run.init_from)
         return module
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -95,9 +96,13 @@ class LitCausalLM(L.LightningModule):
             targets = targets.masked_fill(~supervised[:, 1:], IGNORE_INDEX)
         return ids[:, :-1], targets
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor):
+        """(model output with losses, targets) of a batch of windows."""
         inputs, targets = self._inputs_targets(batch)
-        out = self.model(inputs, targets)
+        return self.model(inputs, targets), targets
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        out, _ = self._forward(batch)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({"train/ce": out.ce, "train/mtp": out.mtp, "train/balance": out.balance})
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
@@ -105,8 +110,7 @@ class LitCausalLM(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        inputs, targets = self._inputs_targets(batch)
-        out = self.model(inputs, targets)
+        out, targets = self._forward(batch)
         logits = out.logits.float()
         nats = F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX

@@ -18,13 +18,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tinyreason.checkpoints import check_exportable, resolve_resume
+from tinyreason.checkpoints import (
+    TOKENIZER_DIR,
+    check_exportable,
+    checkpoint_file,
+    checkpoint_model_config,
+    resolve_resume,
+    run_dir_of,
+)
 from tinyreason.data import packing, synthetic
 from tinyreason.data.shards import steps_for_bytes
 from tinyreason.data.sources import Corpus, ReasoningCorpus, build_corpus, dataclass_from_dict
 from tinyreason.evaluation import EvalConfig
 from tinyreason.model import ModelConfig
-from tinyreason.model.hf import read_hf_config
+from tinyreason.model.hf import is_hf_folder, read_hf_config
 from tinyreason.tokenizer import TokenizerConfig
 from tinyreason.training.optim import OptimConfig
 from tinyreason.training.precision import PrecisionConfig
@@ -149,9 +156,16 @@ class StageConfig:
     name: str = "pretrain"
     module: str = "tinyreason.training.module.LitCausalLM"
     datamodule: str = "tinyreason.data.datamodule.PretrainDataModule"
+    options: str | None = None  # the dataclass of the stage's own keys (`<name>.*`), if any
 
     def classes(self) -> tuple[type, type]:
         return _import(self.module, "stage.module"), _import(self.datamodule, "stage.datamodule")
+
+    def typed_options(self, values: dict | None) -> Any:
+        """The `<stage name>.*` section as the stage's options dataclass (None without one)."""
+        if self.options is None:
+            return None
+        return dataclass_from_dict(_import(self.options, "stage.options"), values or {}, self.name)
 
 
 def _import(path: str, key: str) -> type:
@@ -165,8 +179,9 @@ def _import(path: str, key: str) -> type:
 @dataclass(frozen=True)
 class RunConfig:
     stage: StageConfig
+    stage_options: Any  # the stage's typed `<stage>.*` keys (StageConfig.options), or None
     model: ModelConfig  # vocab_size None until the tokenizer is known: `model_for(vocab)`
-    init_from: Path | None  # a Hugging Face folder whose weights the run starts from
+    init_from: Path | None  # an HF folder or a checkpoint whose weights the run starts from
     data: DataConfig
     tokenizer: TokenizerConfig
     optim: OptimConfig
@@ -198,8 +213,10 @@ class RunConfig:
                 f"moe_heatmap_every must be a positive number of steps or null, got {every!r}"
             )
         optim = {**c["optim"], "betas": tuple(c["optim"]["betas"])}
+        stage = dataclass_from_dict(StageConfig, c.get("stage") or {}, "stage")
         return cls(
-            stage=dataclass_from_dict(StageConfig, c.get("stage") or {}, "stage"),
+            stage=stage,
+            stage_options=stage.typed_options(c.get(stage.name)),
             model=model,
             init_from=init_from,
             data=data,
@@ -251,8 +268,9 @@ def exports_without_mtp(model: ModelConfig) -> bool:
 def _model_and_tokenizer(
     group: dict, tokenizer: dict, data: DataConfig
 ) -> tuple[ModelConfig, Path | None, TokenizerConfig]:
-    """The model group (vocabulary from the tokenizer), or with `model.init_from=<HF folder>` that
-    folder's architecture and tokenizer, with the group's training-only knobs."""
+    """The model group (vocabulary from the tokenizer), or with `model.init_from` the
+    architecture and tokenizer of a Hugging Face folder or of a run (its run dir or a `.ckpt`:
+    last.ckpt's model, `<run dir>/tokenizer/`), with the group's training-only knobs."""
     group = dict(group)
     group.pop("name", None)
     init_from = group.pop("init_from", None)
@@ -261,13 +279,26 @@ def _model_and_tokenizer(
     if not init_from:
         model = ModelConfig.from_dict({**group, "vocab_size": None, "max_seq_len": data.seq_len})
         return model, None, dataclass_from_dict(TokenizerConfig, tokenizer, "tokenizer")
-    folder = Path(init_from)
-    model = read_hf_config(folder).to_dict()
+    source = Path(init_from)
+    if is_hf_folder(source):
+        model, tok_dir = read_hf_config(source).to_dict(), source
+    else:
+        try:
+            source = checkpoint_file(source)
+        except ValueError as err:
+            raise ValueError(
+                f"model.init_from={init_from}: neither a Hugging Face folder (config.json) nor a "
+                f"run dir / .ckpt ({err})"
+            ) from err
+        model, tok_dir = (
+            checkpoint_model_config(source).to_dict(),
+            run_dir_of(source) / TOKENIZER_DIR,
+        )
     for section, knobs in _HF_TRAINING_KNOBS.items():
         if model[section] and group.get(section):
             model[section].update({k: group[section][k] for k in knobs if k in group[section]})
     if data.seq_len > model["max_seq_len"]:
         raise ValueError(
-            f"data.seq_len={data.seq_len} > max_position_embeddings={model['max_seq_len']} of {folder}"
+            f"data.seq_len={data.seq_len} > the {model['max_seq_len']} positions of {init_from}"
         )
-    return ModelConfig.from_dict(model), folder, TokenizerConfig(kind="hf", path=str(folder))
+    return ModelConfig.from_dict(model), source, TokenizerConfig(kind="hf", path=str(tok_dir))
