@@ -13,6 +13,7 @@ import lightning as L
 from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
 
 from tinyreason.data.conversations import ConversationsCorpus, SFTConfig
+from tinyreason.data.pairs import DPOConfig, PairsCorpus
 from tinyreason.data.prepare import PreparedData, prepare_data
 from tinyreason.data.sources import Corpus, ReasoningCorpus
 
@@ -62,9 +63,8 @@ class PretrainDataModule(L.LightningDataModule):
         """The pretraining stage's data for a `RunConfig`: its tokenizer and token shards, built
         or reused from the cache (the stream, or packed conversations with loss_on=assistant)."""
         d = run.data
-        prepared = prepare_data(
-            cls.corpus_of(run), run.tokenizer, run.cache_dir, cls.window_of(run)
-        )
+        corpus, window = cls.corpus_of(run), cls.window_of(run)
+        prepared = prepare_data(corpus, run.tokenizer, run.cache_dir, window, cls.pairs)
         datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
         datamodule.prepared = prepared
         for split, stats in prepared.manifest["splits"].items():
@@ -78,6 +78,8 @@ class PretrainDataModule(L.LightningDataModule):
                 )
         return datamodule
 
+    pairs = False  # one item per window; DPODataModule: a preference pair per item
+
     @staticmethod
     def corpus_of(run) -> Corpus:
         return run.data.corpus
@@ -89,7 +91,7 @@ class PretrainDataModule(L.LightningDataModule):
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         return StreamingDataset(
             str(self.shard_root / split),
-            item_loader=TokensLoader(block_size=self.seq_len + 1),
+            item_loader=TokensLoader(block_size=(self.seq_len + 1) * (2 if self.pairs else 1)),
             shuffle=shuffle,
             drop_last=True,
             seed=self.seed,
@@ -130,6 +132,30 @@ class SFTDataModule(PretrainDataModule):
         if base is None and not options.files:
             raise ValueError("stage=sft has no data: sft.corpus=false and sft.files=[]")
         return ConversationsCorpus(options, base)
+
+    @staticmethod
+    def window_of(run) -> int | None:
+        return run.data.seq_len + 1
+
+
+class DPODataModule(PretrainDataModule):
+    """`stage=dpo`: preference pairs (`PairsCorpus`: the embedded corpus and `dpo.files`), each
+    item [chosen window | rejected window] of seq_len + 1 tokens each, responses flagged."""
+
+    pairs = True
+
+    @staticmethod
+    def corpus_of(run) -> Corpus:
+        options: DPOConfig = run.stage_options
+        base = run.data.corpus if options.corpus else None
+        if base is not None and not isinstance(base, ReasoningCorpus):
+            raise ValueError(
+                f"dpo.corpus=true makes pairs from data=reasoning, not data={run.data.name}: "
+                "set dpo.corpus=false and give dpo.files"
+            )
+        if base is None and not options.files:
+            raise ValueError("stage=dpo has no data: dpo.corpus=false and dpo.files=[]")
+        return PairsCorpus(options, base)
 
     @staticmethod
     def window_of(run) -> int | None:

@@ -25,9 +25,11 @@ def prepare_data(
     tokenizer: tokenizers.TokenizerConfig,
     cache_dir: str | Path,
     window: int | None = None,
+    pairs: bool = False,
 ) -> PreparedData:
     """Build or reuse the tokenizer (trained on the corpus for `bpe`) and the shards: the token
-    stream, or with `window` whole conversations packed into windows of that many tokens."""
+    stream, or with `window` whole conversations packed into windows of that many tokens (with
+    `pairs`: a preference pair per item, chosen and rejected in a window each)."""
     tok, tok_dir = tokenizers.load_or_train(
         tokenizer, cache_dir, corpus.fingerprint, corpus.tokenizer_texts
     )
@@ -40,6 +42,7 @@ def prepare_data(
         vocab_size=len(tok),
         documents=corpus.documents,
         window=window,
+        pairs=pairs,
     )
-    root = shards.shard_dir(data_dir, corpus.fingerprint, tok_dir.name, window)
+    root = shards.shard_dir(data_dir, corpus.fingerprint, tok_dir.name, window, pairs)
     return PreparedData(tok, tok_dir, root, manifest)

@@ -43,10 +43,16 @@ _CHUNK_TOKENS = 1 << 18  # tokens per chunk file (0.5 MiB at uint16)
 
 
 def shard_dir(
-    data_dir: str | os.PathLike, corpus_fp: str, tokenizer_fp: str, window: int | None = None
+    data_dir: str | os.PathLike,
+    corpus_fp: str,
+    tokenizer_fp: str,
+    window: int | None = None,
+    pairs: bool = False,
 ) -> Path:
-    """The stream layout at <corpus>/<tokenizer>; packed conversations at <tokenizer>-packed<W>."""
-    return Path(data_dir) / corpus_fp / (tokenizer_fp + (f"-packed{window}" if window else ""))
+    """The stream layout at <corpus>/<tokenizer>; packed conversations at <tokenizer>-packed<W>,
+    preference pairs at <tokenizer>-pairs<W>."""
+    suffix = f"-{'pairs' if pairs else 'packed'}{window}" if window else ""
+    return Path(data_dir) / corpus_fp / (tokenizer_fp + suffix)
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
@@ -126,6 +132,58 @@ def _write_packed(
     return {**stats, "loss_flag": flag}
 
 
+def _write_pairs(out: Path, docs: Sequence[str], tokenizer_dir: str, window: int) -> dict[str, int]:
+    """Preference pairs (docs = chosen, rejected, chosen, ...): one litdata item of 2 x `window`
+    tokens per pair, [chosen | rejected], each padded to `window`, assistant tokens flagged."""
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    ids_of = tokenizer.convert_tokens_to_ids
+    turn_ids = {ids_of(t) for t in (BOS, ROLES["system"], ROLES["user"])}
+    assistant, eos, pad = ids_of(ROLES["assistant"]), ids_of(EOS), ids_of(PAD)
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    flag = packing.loss_flag(len(tokenizer))
+    dtype = torch.uint16 if flag == 1 << 15 else torch.int32
+    writer = BinaryWriter(
+        str(out),
+        chunk_size=max(1, _CHUNK_TOKENS // (2 * window)) * 2 * window,
+        item_loader=TokensLoader(),
+    )
+    kept = supervised = 0
+    for i in range(0, len(ids), 2):
+        pair = ids[i : i + 2]
+        if max(map(len, pair)) > window:
+            continue
+        item = []
+        for doc in pair:
+            mask = packing.assistant_mask(doc, assistant, turn_ids, eos)
+            supervised += sum(mask)
+            item += [t + flag * m for t, m in zip(doc, mask, strict=True)] + [pad] * (
+                window - len(doc)
+            )
+        writer.add_item(kept, torch.tensor(item, dtype=torch.int64).to(dtype))
+        kept += 1
+    if not kept:
+        raise ValueError(
+            f"no preference pair fits in windows of {window} tokens: raise data.seq_len"
+        )
+    writer.done()
+    writer.merge()
+    skipped = len(ids) // 2 - kept
+    if skipped:
+        log.warning(
+            "%d of %d pairs are longer than a window of %d tokens and are left out",
+            skipped,
+            len(ids) // 2,
+            window,
+        )
+    return {
+        "windows": kept,
+        "tokens": sum(map(len, ids)),
+        "supervised_tokens": supervised,
+        "skipped_too_long": skipped,
+        "loss_flag": flag,
+    }
+
+
 def prepare(
     data_dir: str | os.PathLike,
     corpus_fp: str,
@@ -135,13 +193,14 @@ def prepare(
     documents: Callable[[str], list[str]],
     window: int | None = None,
     seed: int = 0,
+    pairs: bool = False,
 ) -> dict:
     """Write the shards if absent and return the manifest. `documents(split)` gives the texts.
 
     `window=None`: documents concatenated into one token stream per split (loss on every token).
     `window=W`: whole conversations packed into windows of W tokens, assistant tokens flagged
     (`data.loss_on=assistant`); the manifest's `loss_flag` tells the reader how to split them."""
-    root = shard_dir(data_dir, corpus_fp, tokenizer_fp, window)
+    root = shard_dir(data_dir, corpus_fp, tokenizer_fp, window, pairs)
     root.parent.mkdir(parents=True, exist_ok=True)
     sha = tokenizer_sha(tokenizer_dir)
     with FileLock(str(root) + ".lock"):
@@ -160,6 +219,8 @@ def prepare(
             log.info("tokenizing %d %s documents -> %s", len(docs), split, out)
             if window is None:
                 packed = {"tokens": _write_tokens(out, docs, str(tokenizer_dir), dtype)}
+            elif pairs:
+                packed = _write_pairs(out, docs, str(tokenizer_dir), window)
             else:
                 packed = _write_packed(out, docs, str(tokenizer_dir), window, seed)
             num_bytes, num_chars = text_size(docs, added)

@@ -112,7 +112,11 @@ class LitCausalLM(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         out, targets = self._forward(batch)
-        logits = out.logits.float()
+        self._update_val(out.logits, targets, out.ce)
+
+    def _update_val(self, logits: torch.Tensor, targets: torch.Tensor, ce: torch.Tensor) -> None:
+        """BPB and perplexity of the supervised targets; val/loss."""
+        logits = logits.float()
         nats = F.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
         )
@@ -120,7 +124,7 @@ class LitCausalLM(L.LightningModule):
         token_bytes = torch.where(counted, self.token_bytes[targets.clamp(min=0)], 0)
         self.val_bpb.update(nats, token_bytes.flatten())
         self.val_ppl.update(logits, targets)
-        self.log("val/loss", out.ce, sync_dist=True)
+        self.log("val/loss", ce, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/bpb", self.val_bpb.compute(), prog_bar=True)
