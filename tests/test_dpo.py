@@ -128,6 +128,29 @@ def test_dpo_loss_is_ln2_at_the_start_and_its_gradient_a_finite_difference(pairs
     assert weight.grad[i, j].item() == pytest.approx(((up - down) / (2 * h)).item(), rel=1e-4)
 
 
+def test_precomputed_reference_gives_the_in_memory_loss(pairs_shards, tmp_path):
+    """dpo.precompute_ref: the saved table of reference log-probs == the reference forward."""
+    from tinyreason.data.datamodule import DPODataModule
+    from tinyreason.training.dpo import reference_table
+
+    _, _, root, manifest = pairs_shards
+    config = dataclasses.replace(debug_config(vocab_size=448, kind="moe"), max_seq_len=512)
+    module = DPOModule(
+        config.to_dict(), {"betas": (0.9, 0.95)}, {"name": "fp32"}, manifest["loss_flag"]
+    )
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.model.parameters():  # the policy moved off its reference
+            p.add_(0.05 * torch.randn_like(p))
+    datamodule = DPODataModule(str(root), 256, 2)
+    batch = next(iter(datamodule.val_dataloader()))
+    in_memory = module._loss(batch, "dpo")[0]
+    module.ref_table = reference_table(module, datamodule, tmp_path / "ref_logps.pt")
+    assert (tmp_path / "ref_logps.pt").is_file()
+    torch.testing.assert_close(module._loss(batch, "dpo")[0], in_memory, rtol=1e-5, atol=1e-6)
+    assert reference_table(module, datamodule, tmp_path / "ref_logps.pt") == module.ref_table
+
+
 def test_ipo_and_sigmoid_by_hand():
     pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -5.0, -4.0, -4.5))
     losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1)

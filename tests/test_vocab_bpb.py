@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tinyreason import tokenizer as tk
+from tinyreason.tokenizer import build as tkb
 from tinyreason.training.metrics import BitsPerByte
 
 TRAIN = [
@@ -33,7 +34,7 @@ EXPECTED = {
 def tokenizers():
     return {
         "bpe": tk.train_bpe(iter(TRAIN), tk.TokenizerConfig(vocab_size=300, digits="individual")),
-        "cl100k": tk.from_tiktoken(*tk.tiktoken_source(tk.TokenizerConfig(kind="cl100k"))),
+        "cl100k": tkb.from_tiktoken(*tkb.tiktoken_source(tk.TokenizerConfig(kind="cl100k"))),
     }
 
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from tinyreason.compose import compose
 from tinyreason.model import CausalLM, ModelConfig
 from tinyreason.training.optim import OptimConfig, build_optimizer
 from tinyreason.training.precision import PrecisionConfig, apply_precision
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 # name: (precision option, AdamW moment dtype), the overrides of the sweep's runs (seed 0)
 VARIANTS = {
     "bf16": ("bf16", "fp32"),
@@ -44,8 +42,7 @@ def variant_config(name: str) -> DictConfig:
         f"precision={precision}",
         f"optim.moment_dtype={moments}",
     ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose("train", overrides)
 
 
 def main() -> None:

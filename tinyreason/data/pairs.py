@@ -42,6 +42,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (squared, length-normalised as in TRL)
     files: tuple[str, ...] = ()  # jsonl of {"prompt", "chosen", "rejected"}
     corpus: bool = True  # pairs from the data group's embedded corpus
+    precompute_ref: bool = False  # reference log-probs computed once (saved in the run dir)
     val_fraction: float = 0.05  # of the files' pairs
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ MoE layers count only the policy's tokens for the bias update (chosen and reject
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +67,14 @@ class DPOModule(LitCausalLM):
         loss_flag: int | None = None,
         beta: float = 0.1,
         loss_type: str = "sigmoid",
+        precompute_ref: bool = False,
     ) -> None:
         if loss_flag is None:
             raise ValueError("stage=dpo needs response-flagged pairs (a loss flag)")
         super().__init__(model, optim, precision, loss_flag)
-        self.beta, self.loss_type = beta, loss_type
+        self.beta, self.loss_type, self.precompute_ref = beta, loss_type, precompute_ref
         self.reference = None
+        self.ref_table: dict[bytes, float] | None = None  # precompute_ref: item digest -> logps
 
     @classmethod
     def from_run(cls, run, datamodule) -> DPOModule:
@@ -81,9 +84,13 @@ class DPOModule(LitCausalLM):
                 "model.init_from=<run dir | .ckpt | HF folder>"
             )
         o = run.stage_options
-        module = super().from_run(run, datamodule, beta=o.beta, loss_type=o.loss_type)
+        module = super().from_run(
+            run, datamodule, beta=o.beta, loss_type=o.loss_type, precompute_ref=o.precompute_ref
+        )
         module.configure_model()
         module.reference.load_state_dict(module.model.state_dict())  # the starting weights
+        if o.precompute_ref:
+            module.ref_table = reference_table(module, datamodule, run.run_dir / REF_FILE)
         return module
 
     def configure_model(self) -> None:
@@ -100,14 +107,18 @@ class DPOModule(LitCausalLM):
         """(policy logps [2B], reference logps [2B], response tokens [2B], policy output,
         targets [2B, W-1]) of a batch of [chosen | rejected] items: chosen rows first."""
         half = batch.shape[1] // 2
-        ids, supervised = split_flags(torch.cat([batch[:, :half], batch[:, half:]]), self.loss_flag)
+        windows = torch.cat([batch[:, :half], batch[:, half:]])
+        ids, supervised = split_flags(windows, self.loss_flag)
         inputs = ids[:, :-1]
         targets = ids[:, 1:].masked_fill(~supervised[:, 1:], IGNORE_INDEX)
         out = self.model(inputs)
         logps, counts = response_logps(out.logits, targets)
-        with torch.no_grad():
-            self.reference.eval()
-            ref, _ = response_logps(self.reference(inputs).logits, targets)
+        if self.ref_table is not None:
+            ref = torch.tensor([self.ref_table[_digest(w)] for w in windows], device=logps.device)
+        else:
+            with torch.no_grad():
+                self.reference.eval()
+                ref, _ = response_logps(self.reference(inputs).logits, targets)
         return logps, ref, counts, out, targets
 
     def _loss(self, batch: torch.Tensor, prefix: str):
@@ -141,3 +152,34 @@ class DPOModule(LitCausalLM):
             chosen_logits.flatten(0, 1).float(), chosen_targets.flatten(), ignore_index=IGNORE_INDEX
         )
         self._update_val(chosen_logits, chosen_targets, ce)
+
+
+REF_FILE = "ref_logps.pt"
+
+
+def _digest(window: torch.Tensor) -> bytes:
+    return hashlib.sha256(window.to(torch.int64).cpu().numpy().tobytes()).digest()
+
+
+@torch.no_grad()
+def reference_table(module: DPOModule, datamodule, path) -> dict[bytes, float]:
+    """`dpo.precompute_ref`: the reference's response log-prob of every window of both splits,
+    computed once and saved to the run dir (a resumed run reads it back), keyed by the window's
+    tokens; training then runs no reference forward."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    table: dict[bytes, float] = {}
+    reference = module.reference.eval()
+    for split in ("train", "validation"):
+        items = list(datamodule._dataset(split, shuffle=False))
+        for start in range(0, len(items), 16):
+            batch = torch.stack(items[start : start + 16])
+            half = batch.shape[1] // 2
+            windows = torch.cat([batch[:, :half], batch[:, half:]])
+            ids, supervised = split_flags(windows, module.loss_flag)
+            targets = ids[:, 1:].masked_fill(~supervised[:, 1:], IGNORE_INDEX)
+            logps, _ = response_logps(reference(ids[:, :-1]).logits, targets)
+            table |= {_digest(w): float(v) for w, v in zip(windows, logps, strict=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(table, path)
+    return table
