@@ -13,7 +13,6 @@ import hydra
 from omegaconf import DictConfig
 
 from tinyreason.compose import CONF_DIR
-from tinyreason.data.prepare import prepare_data
 from tinyreason.training.quiet import quiet_start
 from tinyreason.training.run_config import RunConfig
 
@@ -23,7 +22,8 @@ log = logging.getLogger(__name__)
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     run = RunConfig.from_hydra(cfg)
-    data = prepare_data(run.data.corpus, run.tokenizer, run.cache_dir, run.data.window)
+    _, datamodule_class = run.stage.classes()  # the stage's data: conversations, pairs, shards
+    data = datamodule_class.from_run(run).prepared
     splits = ", ".join(
         f"{k}: {v['tokens']:,} tokens, {v['bytes'] / v['tokens']:.2f} bytes/token"
         for k, v in data.manifest["splits"].items()

@@ -60,7 +60,9 @@ def summarize(runs: list[Path], out: Path) -> list[dict]:
     curves = {}
     for run in runs:
         points, static = curve(run)
-        report = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+        report = (
+            json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+        )
         name = name_of(run)
         curves[name] = points
         last = points[-1] if points else {}
@@ -90,7 +92,9 @@ def summarize(runs: list[Path], out: Path) -> list[dict]:
         writer.writerows(table)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in table:
-        cells = [f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        cells = [
+            f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(curves, out / "exact_match.png")
