@@ -121,3 +121,11 @@ def test_the_run_config_does_not_edit_the_hydra_config(make_cfg, tmp_path):
     assert run.tokenizer == TokenizerConfig(kind="hf", path=str(folder))
     assert run.model.vocab_size == 320 and run.model.attention.kind == "gqa"
     assert run.model_for(256).vocab_size == 320 and run.model_for(384).vocab_size == 384
+
+
+@pytest.mark.parametrize("tokenizer", [t for t in group_options("tokenizer") if t != "hf"])
+def test_debug_fast_composes_with_every_tokenizer_option(make_cfg, tokenizer):
+    cfg = make_cfg("debug=fast", f"tokenizer={tokenizer}")
+    run = RunConfig.from_hydra(cfg)
+    assert run.tokenizer.kind == tokenizer
+    assert (run.tokenizer.vocab_size == 512) == (tokenizer == "bpe")  # debug's small BPE only

@@ -20,7 +20,8 @@ def test_notebook_rebuilds_table_and_plot_from_a_tiny_sweep(cache_dir, tmp_path,
         "experiment=vocab_scaling",
         "debug=fast",
         "tokenizer=bpe,cl100k",  # the rows bpe_1k and cl100k
-        "tokenizer.vocab_size=1024",  # replaces the experiment's grid; cl100k ignores it
+        "hydra.sweeper.params=null",  # not the BPE grid: the two points below
+        "++tokenizer.vocab_size=1024",  # ++: cl100k has no such key (it ignores it)
         "precision=fp32",  # the experiment's bf16 is ~10x slower on an AVX2 CPU
         "budget.train_bytes=6000",
         "data.seq_len=32",
