@@ -25,12 +25,12 @@ def run_train_cli(*args: str, timeout: int = 300, **kwargs) -> subprocess.Comple
 
 
 def prepare(cfg: DictConfig):
-    """The tokenizer and shards a run of `cfg` trains on (`PreparedData`)."""
-    from tinyreason.data.prepare import prepare_data
+    """The tokenizer and shards a run of `cfg` trains on (`PreparedData`): its stage's data."""
     from tinyreason.training.run_config import RunConfig
 
     run = RunConfig.from_hydra(cfg)
-    return prepare_data(run.data.corpus, run.tokenizer, run.cache_dir, run.data.window)
+    _, datamodule_class = run.stage.classes()
+    return datamodule_class.from_run(run).prepared
 
 
 def group_options(group: str) -> list[str]:
@@ -56,3 +56,18 @@ def make_cfg(cache_dir, tmp_path):
         return cfg
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, cache_dir):
+    """(run dir, metrics) of a debug=fast pretraining run of 20 steps: what the post-training
+    stages start from (`model.init_from=<run dir>`: last.ckpt + tokenizer/)."""
+    from tinyreason.train import train
+
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        overrides = ["debug=fast", "logger=none", "export.hf=false", "trainer.max_steps=20"]
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.run_dir, cfg.cache_dir = str(run), str(cache_dir)
+    return run, train(cfg)

@@ -164,25 +164,11 @@ def test_ipo_and_sigmoid_by_hand():
 # --- the stage end to end --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cache_dir):
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    run = tmp_path_factory.mktemp("dpo_start") / "run"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["debug=fast", "logger=none", "export.hf=false"])
-    with open_dict(cfg):
-        cfg.run_dir, cfg.cache_dir = str(run), str(cache_dir)
-    train(cfg)
-    return run
-
-
 def test_dpo_stage_runs_and_resumes_with_its_reference(make_cfg, pretrained, tmp_path):
     from test_sft import StopAfterValidation
 
-    base = ("stage=dpo", "debug=fast", f"model.init_from={pretrained}", "logger=csv")
+    run, _ = pretrained
+    base = ("stage=dpo", "debug=fast", f"model.init_from={run}", "logger=csv")
     full = train(make_cfg(*base, run_dir=tmp_path / "full"))
     with open(tmp_path / "full" / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -199,10 +185,11 @@ def test_dpo_stage_runs_and_resumes_with_its_reference(make_cfg, pretrained, tmp
 
 
 def test_dpo_trains_moe_under_fp8(make_cfg, pretrained):
+    run, _ = pretrained  # debug=fast's default model is the MoE
     cfg = make_cfg(
         "stage=dpo",
         "debug=fast",
-        f"model.init_from={pretrained}",
+        f"model.init_from={run}",
         "logger=none",
         "precision=fp8_blockwise",
         "export.hf=false",

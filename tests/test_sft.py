@@ -254,21 +254,6 @@ def test_a_batch_without_supervised_tokens_is_skipped_not_nan(tok, tmp_path):
 # --- the stage end to end --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cache_dir):
-    """A debug=fast pretraining run (its run dir: last.ckpt + tokenizer/)."""
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    run = tmp_path_factory.mktemp("pretrained") / "run"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["debug=fast", "logger=none", "trainer.max_steps=20"])
-    with open_dict(cfg):
-        cfg.run_dir, cfg.cache_dir = str(run), str(cache_dir)
-    return run, train(cfg)
-
-
 def test_sft_starts_from_the_pretrained_weights_and_learns(make_cfg, pretrained, tmp_path):
     run, before = pretrained
     cfg = make_cfg("stage=sft", "debug=fast", f"model.init_from={run}", "logger=csv")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -24,8 +25,14 @@ def run(*args: str | Path, cwd: Path, env: dict | None = None, timeout: int = 90
 
 @pytest.mark.slow
 def test_wheel_installs_and_trains_outside_the_repo(tmp_path):
+    source = tmp_path / "source"  # a copy: setuptools writes build/ next to what it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("tinyreason", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    run(sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "--no-build-isolation",
+    run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation",
         "-q", "-w", wheels, cwd=tmp_path)  # fmt: skip
     [wheel] = wheels.glob("tinyreason-*.whl")
     env_dir = tmp_path / "venv"

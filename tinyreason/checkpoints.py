@@ -28,13 +28,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_DIR = "tokenizer"  # <run dir>/tokenizer/: saved by `train` at the start of a run
 
 
-def checkpoint_file(ckpt: str | os.PathLike) -> Path:
-    """A `.ckpt` file as given, or `<run dir>/checkpoints/last.ckpt` for a run folder."""
+def checkpoint_file(ckpt: str | os.PathLike, key: str = "ckpt") -> Path:
+    """A `.ckpt` file as given, or `<run dir>/checkpoints/last.ckpt` for a run folder (`key`:
+    the option the error names)."""
     path = Path(ckpt)
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise ValueError(f"ckpt={str(ckpt)!r}: no checkpoint at {path}")
+        raise ValueError(f"{key}={str(ckpt)!r}: no checkpoint at {path}")
     return path
 
 
@@ -51,11 +52,7 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike) -> Path | 
                 "hydra.run.dir=<run dir> ckpt_path=last"
             )
         return path
-    path = Path(ckpt_path)
-    path = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}")
-    return path
+    return checkpoint_file(ckpt_path, key="ckpt_path")
 
 
 def run_dir_of(ckpt_file: Path) -> Path:

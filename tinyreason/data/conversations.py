@@ -15,7 +15,6 @@ are skipped with a count; a record without the needed fields is an error naming 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import re
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyreason.data.sources import Corpus
+from tinyreason.data.sources import Corpus, derived_fingerprint, hash_share
 from tinyreason.tokenizer import BOS, EOS, ROLES, chat_document, without_think
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,6 @@ def gsm8k_solution(answer: str) -> tuple[str, str]:
     return "<think>\n" + "\n".join(steps) + "\n</think>\nAnswer: " + final, final
 
 
-def _share(text: str, salt: str) -> float:
-    return int(hashlib.sha256((salt + text).encode()).hexdigest()[:8], 16) / 16**8
-
-
 def read_conversations(path: str) -> tuple[list[str], int]:
     """(chat documents of a jsonl file, records skipped for having no assistant turn)."""
     docs, skipped = [], 0
@@ -115,11 +110,7 @@ class ConversationsCorpus:
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(repr(self.config).encode())
-        h.update((self.base.fingerprint if self.base else "-").encode())
-        for path in self.config.files:
-            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
-        return f"sft-{h.hexdigest()[:16]}"
+        return derived_fingerprint("sft", self.config, self.base, self.config.files)
 
     @functools.cached_property
     def _splits(self) -> dict[str, list[str]]:
@@ -129,11 +120,11 @@ class ConversationsCorpus:
             if skipped:
                 log.warning("%s: %d record(s) without an assistant turn skipped", path, skipped)
             for doc in docs:
-                val = _share(doc, "split") < self.config.val_fraction
+                val = hash_share(doc, "split") < self.config.val_fraction
                 out["validation" if val else "train"].append(doc)
         drop = self.config.drop_think
         return {
-            s: [without_think(d) if _share(d, "think") < drop else d for d in docs]
+            s: [without_think(d) if hash_share(d, "think") < drop else d for d in docs]
             for s, docs in out.items()
         }
 

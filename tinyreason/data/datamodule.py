@@ -123,15 +123,7 @@ class SFTDataModule(PretrainDataModule):
     @staticmethod
     def corpus_of(run) -> Corpus:
         options: SFTConfig = run.stage_options
-        base = run.data.corpus if options.corpus else None
-        if base is not None and not isinstance(base, ReasoningCorpus):
-            raise ValueError(
-                f"sft.corpus=true takes the conversations of data=reasoning, not data="
-                f"{run.data.name}: set sft.corpus=false and give sft.files"
-            )
-        if base is None and not options.files:
-            raise ValueError("stage=sft has no data: sft.corpus=false and sft.files=[]")
-        return ConversationsCorpus(options, base)
+        return ConversationsCorpus(options, _stage_base(run, options))
 
     @staticmethod
     def window_of(run) -> int | None:
@@ -147,16 +139,23 @@ class DPODataModule(PretrainDataModule):
     @staticmethod
     def corpus_of(run) -> Corpus:
         options: DPOConfig = run.stage_options
-        base = run.data.corpus if options.corpus else None
-        if base is not None and not isinstance(base, ReasoningCorpus):
-            raise ValueError(
-                f"dpo.corpus=true makes pairs from data=reasoning, not data={run.data.name}: "
-                "set dpo.corpus=false and give dpo.files"
-            )
-        if base is None and not options.files:
-            raise ValueError("stage=dpo has no data: dpo.corpus=false and dpo.files=[]")
-        return PairsCorpus(options, base)
+        return PairsCorpus(options, _stage_base(run, options))
 
     @staticmethod
     def window_of(run) -> int | None:
         return run.data.seq_len + 1
+
+
+def _stage_base(run, options: SFTConfig | DPOConfig) -> ReasoningCorpus | None:
+    """The embedded corpus a post-training stage draws on (`<stage>.corpus`), checked: it needs
+    data=reasoning, and the stage needs it or `<stage>.files`."""
+    name = run.stage.name
+    base = run.data.corpus if options.corpus else None
+    if base is not None and not isinstance(base, ReasoningCorpus):
+        raise ValueError(
+            f"{name}.corpus=true draws on data=reasoning, not data={run.data.name}: set "
+            f"{name}.corpus=false and give {name}.files"
+        )
+    if base is None and not options.files:
+        raise ValueError(f"stage={name} has no data: {name}.corpus=false and {name}.files=[]")
+    return base

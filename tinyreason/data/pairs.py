@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tinyreason.data import solutions, synthetic
-from tinyreason.data.sources import ReasoningCorpus, solution
+from tinyreason.data.sources import ReasoningCorpus, derived_fingerprint, hash_share, solution
 from tinyreason.tokenizer import chat_document
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,7 @@ class PairsCorpus:
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(repr(self.config).encode())
-        h.update((self.base.fingerprint if self.base else "-").encode())
-        for path in self.config.files:
-            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
-        return f"dpo-{h.hexdigest()[:16]}"
+        return derived_fingerprint("dpo", self.config, self.base, self.config.files)
 
     @functools.cached_property
     def _pairs(self) -> dict[str, list[tuple[str, str]]]:
@@ -173,8 +169,8 @@ class PairsCorpus:
                     "%s: %d pair(s) with identical chosen and rejected skipped", path, skipped
                 )
             for pair in pairs:
-                share = int(hashlib.sha256(pair[0].encode()).hexdigest()[:8], 16) / 16**8
-                out["validation" if share < self.config.val_fraction else "train"].append(pair)
+                val = hash_share(pair[0], "split") < self.config.val_fraction
+                out["validation" if val else "train"].append(pair)
         return out
 
     def pairs(self, split: str) -> list[tuple[str, str]]:

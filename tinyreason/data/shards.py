@@ -98,6 +98,16 @@ def _write_tokens(out: Path, docs: Sequence[str], tokenizer_dir: str, dtype: tor
     return num_tokens
 
 
+def _turn_ids(tokenizer) -> dict:
+    """`packing.assistant_mask`'s keyword arguments for this tokenizer."""
+    ids_of = tokenizer.convert_tokens_to_ids
+    return {
+        "assistant_id": ids_of(ROLES["assistant"]),
+        "turn_ids": {ids_of(t) for t in (BOS, ROLES["system"], ROLES["user"])},
+        "eos_id": ids_of(EOS),
+    }
+
+
 def _write_packed(
     out: Path, docs: Sequence[str], tokenizer_dir: str, window: int, seed: int
 ) -> dict[str, int]:
@@ -105,11 +115,10 @@ def _write_packed(
     (`packing.pack`); one window per litdata item and a whole number of windows per chunk, so
     `TokensLoader(block_size=window)` reads back exactly these windows."""
     tokenizer = _load_tokenizer(tokenizer_dir)
-    ids_of = tokenizer.convert_tokens_to_ids
-    turn_ids = {ids_of(t) for t in (BOS, ROLES["system"], ROLES["user"])}
-    assistant, eos, pad = ids_of(ROLES["assistant"]), ids_of(EOS), ids_of(PAD)
+    special = _turn_ids(tokenizer)
+    pad = tokenizer.convert_tokens_to_ids(PAD)
     ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
-    masks = [packing.assistant_mask(d, assistant, turn_ids, eos) for d in ids]
+    masks = [packing.assistant_mask(d, **special) for d in ids]
     flag = packing.loss_flag(len(tokenizer))
     windows, stats = packing.pack(ids, masks, window, pad, flag, seed)
     if not windows:
@@ -136,9 +145,8 @@ def _write_pairs(out: Path, docs: Sequence[str], tokenizer_dir: str, window: int
     """Preference pairs (docs = chosen, rejected, chosen, ...): one litdata item of 2 x `window`
     tokens per pair, [chosen | rejected], each padded to `window`, assistant tokens flagged."""
     tokenizer = _load_tokenizer(tokenizer_dir)
-    ids_of = tokenizer.convert_tokens_to_ids
-    turn_ids = {ids_of(t) for t in (BOS, ROLES["system"], ROLES["user"])}
-    assistant, eos, pad = ids_of(ROLES["assistant"]), ids_of(EOS), ids_of(PAD)
+    special = _turn_ids(tokenizer)
+    pad = tokenizer.convert_tokens_to_ids(PAD)
     ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
     flag = packing.loss_flag(len(tokenizer))
     dtype = torch.uint16 if flag == 1 << 15 else torch.int32
@@ -154,7 +162,7 @@ def _write_pairs(out: Path, docs: Sequence[str], tokenizer_dir: str, window: int
             continue
         item = []
         for doc in pair:
-            mask = packing.assistant_mask(doc, assistant, turn_ids, eos)
+            mask = packing.assistant_mask(doc, **special)
             supervised += sum(mask)
             item += [t + flag * m for t, m in zip(doc, mask, strict=True)] + [pad] * (
                 window - len(doc)

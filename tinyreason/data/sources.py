@@ -39,6 +39,21 @@ def dataclass_from_dict(cls, values: dict, where: str):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def hash_share(text: str, salt: str = "") -> float:
+    """A text's deterministic place in [0, 1) (sha256): which split, which share of examples."""
+    return int(hashlib.sha256((salt + text).encode()).hexdigest()[:8], 16) / 16**8
+
+
+def derived_fingerprint(prefix: str, config: object, base: Corpus | None, files: tuple) -> str:
+    """Fingerprint of a corpus built from a config, an optional base corpus and files (their
+    bytes, so an edited file makes new shards)."""
+    h = hashlib.sha256(repr(config).encode())
+    h.update((base.fingerprint if base else "-").encode())
+    for path in files:
+        h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return f"{prefix}-{h.hexdigest()[:16]}"
+
+
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
 
