@@ -70,9 +70,10 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
         "tokens",
     ]:
         assert key in columns, key
-    # MFU = tokens/s x FLOPs per token / one peak measured at the start: a constant ratio
+    # MFU = tokens/s x FLOPs per token / one peak measured at the start: a constant ratio. No
+    # upper bound: on CPU the peak is a timed GEMM, and a step can outrun it (CI saw MFU 1.06).
     perf = [(float(r["perf/mfu"]), float(r["perf/tokens_per_s"])) for r in rows if r["perf/mfu"]]
-    assert perf and all(0 < mfu < 1 for mfu, _ in perf)
+    assert perf and all(mfu > 0 for mfu, _ in perf)
     ratios = [mfu / tps for mfu, tps in perf]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-5)
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
