@@ -165,7 +165,11 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._t is not None:
-            tokens = batch.shape[0] * (batch.shape[1] - 1)  # this device's
+            # this device's; a stage whose batch is not windows (grpo: prompt indices) says
+            if hasattr(pl_module, "last_step_tokens"):
+                tokens = pl_module.last_step_tokens
+            else:
+                tokens = batch.shape[0] * (batch.shape[1] - 1)
             tokens_per_s = tokens / (now - self._t)
             pl_module.log("perf/tokens_per_s", tokens_per_s * trainer.world_size, prog_bar=True)
             pl_module.log("perf/mfu", tokens_per_s * self._flops_per_token / self._peak)
