@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tinyreason import errors
 from tinyreason.checkpoints import checkpoint_file, load_model, run_dir_of
 from tinyreason.compose import CONF_DIR
 from tinyreason.data import synthetic
@@ -73,8 +74,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@errors.reported
+def _hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    errors.run(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from tinyreason import errors
 from tinyreason.checkpoints import (
     checkpoint_file,
     export_model,
@@ -50,9 +51,12 @@ def export(
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@errors.reported
+def _hydra_main(cfg: DictConfig) -> None:
     if cfg.ckpt is None or cfg.out is None:
-        raise ValueError("usage: python -m tinyreason.export ckpt=<.ckpt | run dir> out=<dir>")
+        raise errors.UserError(
+            "usage: python -m tinyreason.export ckpt=<.ckpt | run dir> out=<dir>"
+        )
     export(
         cfg.ckpt,
         cfg.out,
@@ -62,6 +66,10 @@ def main(cfg: DictConfig) -> None:
         dtype=cfg.dtype,
         drop_mtp=cfg.drop_mtp,
     )
+
+
+def main() -> None:
+    errors.run(_hydra_main)
 
 
 if __name__ == "__main__":

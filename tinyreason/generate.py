@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerFast
 
+from tinyreason import errors
 from tinyreason.checkpoints import load_model
 from tinyreason.compose import CONF_DIR
 from tinyreason.model import CausalLM
@@ -77,9 +78,10 @@ def generate_batch(
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@errors.reported
+def _hydra_main(cfg: DictConfig) -> None:
     if cfg.ckpt is None or cfg.prompt is None:
-        raise ValueError(
+        raise errors.UserError(
             'usage: python -m tinyreason.generate ckpt=<.ckpt | run dir | HF dir> prompt="..."'
         )
     model, tokenizer = load_model(Path(cfg.ckpt), cfg.tokenizer)
@@ -100,6 +102,10 @@ def main(cfg: DictConfig) -> None:
     )
     for text in texts:
         print(text)
+
+
+def main() -> None:
+    errors.run(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from tinyreason import errors
 from tinyreason.compose import CONF_DIR
 from tinyreason.training.quiet import quiet_start
 from tinyreason.training.run_config import RunConfig
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@errors.reported
 def _hydra_main(cfg: DictConfig) -> None:
     run = RunConfig.from_hydra(cfg)
     _, datamodule_class = run.stage.classes()  # the stage's data: conversations, pairs, shards
@@ -39,7 +41,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     quiet_start()
-    _hydra_main()
+    errors.run(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from tinyreason import errors
 from tinyreason.checkpoints import TOKENIZER_DIR
 from tinyreason.compose import CONF_DIR
 from tinyreason.data.shards import bytes_per_token
@@ -115,6 +116,7 @@ def done_line(metrics: dict, steps: int, first: float | None, run: RunConfig) ->
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@errors.reported
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get("val/bpb")  # the value a sweeper would minimise
@@ -131,7 +133,7 @@ def main() -> None:
         if "precision" not in chosen and "experiment" not in chosen:
             sys.argv.append("precision=bf16")
     quiet_start()
-    _hydra_main()
+    errors.run(_hydra_main)  # user errors: one line and exit 2 (tinyreason.errors)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from tinyreason import errors
 from tinyreason.bench import generate, moe
 
 COMMANDS = {"moe": moe.main, "generate": generate.main}
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             f"usage: python -m tinyreason.bench {{{' | '.join(COMMANDS)}}} [options] (-h for each)"
         )
-    COMMANDS[argv[0]](argv[1:])
+    errors.run(lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

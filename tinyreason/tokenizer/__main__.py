@@ -8,6 +8,7 @@ import logging
 
 from transformers import PreTrainedTokenizerFast
 
+from tinyreason import errors
 from tinyreason.compose import compose
 from tinyreason.data.sources import language_of
 from tinyreason.tokenizer.build import TokenizerConfig, load_or_train
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="e.g. data=text_files data.paths=[a.txt]")
     args = parser.parse_intermixed_args(argv)
+    errors.run(lambda: _compare(args))
+
+
+def _compare(args: argparse.Namespace) -> None:
     cfg = compose("train", args.overrides)
     sizes = args.bpe_sizes or str(cfg.tokenizer.get("vocab_size", 4096))
     logging.basicConfig(level=logging.WARNING)
