@@ -296,7 +296,7 @@ def generate(config: CorpusConfig, split: str) -> list[Problem]:
 
 
 _ANSWER_PREFIX = {"en": "Answer: ", "zh": "答案："}
-_ANSWER_LINE = re.compile(r"^[ \t]*(?:Answer|答案)[ \t]*[:：][ \t]*(.*?)[ \t]*$", re.MULTILINE)
+ANSWER_LINE = re.compile(r"^[ \t]*(?:Answer|答案)[ \t]*[:：][ \t]*(.*?)[ \t]*$", re.MULTILINE)
 
 
 def format_text(problem: Problem) -> str:
@@ -308,7 +308,7 @@ def format_text(problem: Problem) -> str:
 def parse_answer(text: str) -> str | None:
     """The last "Answer:" / "答案：" line after the last </think> (anywhere if there is none)."""
     _, _, tail = text.rpartition("</think>")
-    matches = _ANSWER_LINE.findall(tail)
+    matches = ANSWER_LINE.findall(tail)
     if not matches:
         return None
     answer = matches[-1].rstrip("。.").strip()

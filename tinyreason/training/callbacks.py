@@ -17,6 +17,24 @@ from tinyreason.model.moe import MoE, load_stats
 from tinyreason.training.perf import peak_flops
 
 
+class Checkpoints(L.pytorch.callbacks.ModelCheckpoint):
+    """`best-{step}.ckpt` by the monitored metric, and `last.ckpt` at *every* validation.
+
+    Lightning 2.6's ModelCheckpoint writes `last.ckpt` only when a top-k checkpoint was written at
+    the same step, so a validation whose metric did not improve left `last.ckpt` at an older step
+    (seen: a 10-step run whose val/bpb rose at step 10 resumed, and started the next stage, from
+    step 5). `ckpt_path=last` and `model.init_from=<run dir>` must get the latest state."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class MoEBiasUpdate(L.Callback):
     """DeepSeek-V3's aux-loss-free balancing, once per optimizer step: b += γ·sign(mean − load).
 
@@ -50,8 +68,8 @@ class MoEBiasUpdate(L.Callback):
             return
         self._last_step = trainer.global_step
         named = moe_layers(pl_module.model)
-        if not named:
-            return
+        if not named or not any(m.tokens_per_expert.any() for m in named.values()):
+            return  # no MoE, or a step the divergence guard skipped (its counts dropped)
         # Training progress at the step just taken; 0 when the run has no step budget.
         progress = (trainer.global_step - 1) / trainer.max_steps if trainer.max_steps > 0 else 0.0
         gamma, counts_LE = pl_module.model.update_moe_biases(

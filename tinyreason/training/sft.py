@@ -32,8 +32,9 @@ class SFTModule(LitCausalLM):
         self.bos_id = bos_id
 
     @classmethod
-    def from_run(cls, run, datamodule) -> SFTModule:
-        return super().from_run(run, datamodule, bos_id=datamodule.prepared.tokenizer.bos_token_id)
+    def from_run(cls, run, datamodule, **extra) -> SFTModule:
+        bos_id = datamodule.prepared.tokenizer.bos_token_id
+        return super().from_run(run, datamodule, bos_id=bos_id, **extra)
 
     def _forward(self, batch: torch.Tensor):
         inputs, targets = self._inputs_targets(batch)
