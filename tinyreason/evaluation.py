@@ -28,7 +28,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason.data import synthetic
-from tinyreason.data.sources import language_of
+from tinyreason.data.sources import dataclass_from_dict, language_of
 from tinyreason.model import CausalLM
 from tinyreason.sampling import SamplingConfig, prompt_ids, sample
 
@@ -288,7 +288,9 @@ class EvalConfig:
     def from_dict(cls, d: dict) -> EvalConfig:
         d = dict(d)
         option_keys = [f.name for f in dataclasses.fields(EvalOptions)]
-        options = EvalOptions(**{k: d.pop(k) for k in option_keys if k in d})
+        options = dataclass_from_dict(
+            EvalOptions, {k: d.pop(k) for k in option_keys if k in d}, "eval"
+        )
         during = dict(d.pop("during_training", None) or {})
         unknown = sorted(set(d) - {"splits", "num_problems", "files", "at_end"})
         unknown += sorted(f"during_training.{k}" for k in set(during) - {"num_problems", "split"})

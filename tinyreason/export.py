@@ -23,6 +23,7 @@ from tinyreason.checkpoints import (
     run_dir_of,
 )
 from tinyreason.compose import CONF_DIR
+from tinyreason.model.hf import check_export_folder
 
 
 def export(
@@ -36,6 +37,7 @@ def export(
     drop_mtp: bool = False,
 ) -> Path:
     """Lightning checkpoint (or run dir) -> Hugging Face folder `out`."""
+    check_export_folder(Path(out), overwrite)  # before reading a checkpoint of any size
     path = checkpoint_file(ckpt)
     model = load_checkpoint(path)
     tok = find_tokenizer(run_dir_of(path), tokenizer)

@@ -64,7 +64,9 @@ class PretrainDataModule(L.LightningDataModule):
         or reused from the cache (the stream, or packed conversations with loss_on=assistant)."""
         d = run.data
         corpus, window = cls.corpus_of(run), cls.window_of(run)
-        prepared = prepare_data(corpus, run.tokenizer, run.cache_dir, window, cls.pairs)
+        prepared = prepare_data(
+            corpus, run.tokenizer, run.cache_dir, window, cls.pairs, d.rebuild_damaged
+        )
         datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
         datamodule.prepared = prepared
         for split, stats in prepared.manifest["splits"].items():

@@ -26,10 +26,12 @@ def prepare_data(
     cache_dir: str | Path,
     window: int | None = None,
     pairs: bool = False,
+    rebuild_damaged: bool = False,
 ) -> PreparedData:
     """Build or reuse the tokenizer (trained on the corpus for `bpe`) and the shards: the token
     stream, or with `window` whole conversations packed into windows of that many tokens (with
-    `pairs`: a preference pair per item, chosen and rejected in a window each)."""
+    `pairs`: a preference pair per item, chosen and rejected in a window each). A damaged shard
+    cache stops the run (`shards.DamagedShards`), or with `rebuild_damaged` is rebuilt."""
     tok, tok_dir = tokenizers.load_or_train(
         tokenizer, cache_dir, corpus.fingerprint, corpus.tokenizer_texts
     )
@@ -43,6 +45,7 @@ def prepare_data(
         documents=corpus.documents,
         window=window,
         pairs=pairs,
+        rebuild_damaged=rebuild_damaged,
     )
     root = shards.shard_dir(data_dir, corpus.fingerprint, tok_dir.name, window, pairs)
     return PreparedData(tok, tok_dir, root, manifest)

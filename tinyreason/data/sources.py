@@ -15,7 +15,9 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +32,62 @@ _TEXT_FILES_VERSION = 2  # bump when reading or splitting changes what a fingerp
 
 
 def dataclass_from_dict(cls, values: dict, where: str):
-    """Build a config dataclass, turning unknown keys into a ValueError that lists the allowed."""
+    """Build a config dataclass, turning unknown keys and values of the wrong type ("abc" for an
+    int: a TypeError deep in `__post_init__` otherwise) into a ValueError naming the key."""
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {allowed}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # an annotation only imported for type checkers: left to the class
+        hints = {}
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is not None and not _takes(hint, value):
+            raise ValueError(
+                f"{where}.{key}={value!r} is a {type(value).__name__}; it must be "
+                f"{_type_name(hint)}"
+            )
     # YAML gives lists where the dataclasses hold tuples (hashable, stable fingerprints)
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _takes(hint, value) -> bool:
+    """Whether a field annotated `hint` takes a YAML value (lists for tuples; an int for a float;
+    a bool for neither: `true` for a size is a typo). Other classes are checked by their owner."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes(h, value) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if origin is dict or hint is dict:
+        return isinstance(value, Mapping)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) in (tuple, list):
+        return "a list"
+    return {
+        type(None): "null",
+        int: "an int",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+    }.get(hint, str(hint))
 
 
 def hash_share(text: str, salt: str = "") -> float:
@@ -123,12 +174,15 @@ def _format(path: str) -> tuple[str, str] | None:
 
 def _read_bytes(path: Path, compression: str) -> bytes:
     raw = path.read_bytes()
-    if compression == ".gz":
-        return gzip.decompress(raw)
-    if compression == ".zst":
-        import zstandard
+    try:
+        if compression == ".gz":
+            return gzip.decompress(raw)
+        if compression == ".zst":
+            import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+    except Exception as e:  # BadGzipFile, EOFError (truncated), zlib.error, ZstdError
+        raise ValueError(f"data.paths: {path} is not a readable {compression} file ({e})") from e
     return raw
 
 
@@ -143,6 +197,42 @@ def _pack_lines(text: str, doc_chars: int) -> list[str]:
     if current:
         docs.append("\n".join(current))
     return [d for d in docs if d.strip()]
+
+
+def _jsonl_texts(path: Path, text: str, key: str) -> list[str]:
+    docs = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.paths: {path} line {number} is not JSON ({e})") from e
+        if not isinstance(row, dict) or key not in row:
+            fields = list(row)[:8] if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+                f"data.paths: {path} line {number} has no field text_key={key!r} (it has "
+                f"{fields}); set data.corpus.text_key"
+            )
+        if row[key] and not isinstance(row[key], str):
+            raise ValueError(f"data.paths: {path} line {number}: {key!r} is not a string")
+        docs += [row[key]] if row[key] else []
+    return docs
+
+
+def _parquet_texts(path: Path, data: bytes, key: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        column = pq.read_table(io.BytesIO(data), columns=[key]).column(key).to_pylist()
+    except (pa.ArrowException, KeyError) as e:
+        raise ValueError(
+            f"data.paths: {path} is not a parquet file with a text_key={key!r} column ({e})"
+        ) from e
+    if any(t and not isinstance(t, str) for t in column):
+        raise ValueError(f"data.paths: {path}: column {key!r} is not text")
+    return [t for t in column if t]
 
 
 @dataclass(frozen=True)
@@ -188,22 +278,30 @@ class TextFilesCorpus:
         return {s: [text for _, text in sorted(pairs)] for s, pairs in keyed.items()}
 
     def _read(self, path: Path, fmt: str, comp: str) -> list[str]:
+        """A file's documents; a file that is binary, not UTF-8, malformed or without text is
+        refused, naming the file (and the line of a .jsonl)."""
         data = _read_bytes(path, comp)
-        key = self.config.text_key
-        try:
+        if fmt == ".parquet":
+            docs = _parquet_texts(path, data, self.config.text_key)
+        elif b"\0" in data:
+            raise ValueError(f"data.paths: {path} is binary (it has NUL bytes), not {fmt} text")
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"data.paths: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                    f"{e.start}); convert it, e.g. `iconv -f latin1 -t utf-8 {path}`"
+                ) from e
+            # universal newlines, as open() in text mode: CRLF and CR become "\n"
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
             if fmt == ".txt":
-                # universal newlines, as open() in text mode: CRLF and CR become "\n"
-                text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
-                return _pack_lines(text, self.config.doc_chars)
-            if fmt == ".jsonl":
-                rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
-                return [r[key] for r in rows if r[key]]
-            import pyarrow.parquet as pq
-
-            column = pq.read_table(io.BytesIO(data), columns=[key]).column(key).to_pylist()
-            return [t for t in column if t]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"cannot read documents from {path} (text_key={key!r}): {e}") from e
+                docs = _pack_lines(text, self.config.doc_chars)
+            else:
+                docs = _jsonl_texts(path, text, self.config.text_key)
+        if not docs:
+            raise ValueError(f"data.paths: {path} holds no text; remove it from data.paths")
+        return docs
 
     def texts(self, split: str) -> list[str]:
         return self._split_texts[split]

@@ -209,6 +209,19 @@ def _short(keys: list[str], limit: int = 8) -> str:
 # folders
 
 
+def check_export_folder(out: Path, overwrite: bool) -> bool:
+    """Refuse a file, or a non-empty folder without `overwrite`; True: an export is replaced."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file, not a folder")
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not overwrite:
+        raise ValueError(
+            f"out={str(out)!r} is not empty; pass overwrite=true to replace its export (other "
+            "files stay), or choose a new folder"
+        )
+    return replace
+
+
 def save_pretrained(
     model: CausalLM,
     out: str | os.PathLike,
@@ -228,13 +241,7 @@ def save_pretrained(
     from transformers import GenerationConfig
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file, not a folder")
-    replace = out.is_dir() and any(out.iterdir())
-    if replace and not overwrite:
-        raise ValueError(
-            f"out={str(out)!r} is not empty; pass overwrite=true to replace its export"
-        )
+    replace = check_export_folder(out, overwrite)
     special = _special_ids(tokenizer)
     hf_config = to_hf_config(model.config, special)  # refuses what transformers cannot load
     hf_config.dtype = dtype
@@ -276,7 +283,13 @@ def read_hf_config(folder: str | os.PathLike) -> ModelConfig:
     folder = Path(folder)
     if not is_hf_folder(folder):
         raise ValueError(f"{folder} is not a Hugging Face model folder: it has no config.json")
-    hf = AutoConfig.from_pretrained(folder)
+    try:
+        hf = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:  # bad JSON, an unknown model_type
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(
+            f"{folder}/config.json is not a config transformers reads ({reason})"
+        ) from err
     return from_hf_config(hf, mtp_depth=_mtp_layers_on_disk(folder, hf))
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -293,7 +294,9 @@ def load_or_train(
             log.info("building %s tokenizer -> %s", config.kind, folder)
             tokenizer = build(config, train_texts)
             tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed build's leftovers
             tokenizer.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)  # incomplete: no tokenizer.json
             tmp.rename(folder)
     return load(folder), folder
 

@@ -324,6 +324,15 @@ def convert(model: nn.Module, recipe: str, emulate: bool) -> list[str]:
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent), child, make(module))
         converted.append(fqn)
+    if skipped and not converted:  # an "FP8" run that would be bf16 throughout
+        multiple = 16 if recipe != "blockwise" or emulate else BLOCK
+        raise ValueError(
+            f"precision recipe {recipe}: no GEMM of this model has a shape the FP8 kernels take "
+            f"(in and out features multiples of {multiple}; got {', '.join(skipped[:3])}"
+            f"{', ...' if len(skipped) > 3 else ''}): "
+            f"make model.hidden_size and the FFN sizes multiples of {multiple}, or use "
+            "precision=bf16"
+        )
     log.info(
         "fp8 %s (%s): %d GEMM modules in FP8 (%d routed-expert groups); high precision: lm_head, "
         "embedding, router, norms, attention core%s",

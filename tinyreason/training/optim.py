@@ -37,6 +37,8 @@ class OptimConfig:
                 f"optim needs lr > 0, total_steps > 0, warmup_steps >= 0; got lr={self.lr}, "
                 f"total_steps={self.total_steps}, warmup_steps={self.warmup_steps}"
             )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ValueError("optim.min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
         if self.moment_dtype not in MOMENT_DTYPES:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from tinyreason.checkpoints import (
     TOKENIZER_DIR,
@@ -52,8 +53,13 @@ class DataConfig:
     seq_len: int = 512
     batch_size: int = 8
     num_workers: int = 0
+    rebuild_damaged: bool = False  # a damaged shard cache is rebuilt instead of stopping the run
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rebuild_damaged, bool):
+            raise ValueError(
+                f"data.rebuild_damaged must be true or false, got {self.rebuild_damaged!r}"
+            )
         if self.loss_on not in packing.LOSS_ON:
             raise ValueError(f"data.loss_on={self.loss_on!r} is not one of {list(packing.LOSS_ON)}")
         if self.loss_on == "assistant" and not isinstance(self.corpus, ReasoningCorpus):
@@ -64,6 +70,10 @@ class DataConfig:
         for key in ("seq_len", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"data.{key} must be positive, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(
+                f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}"
+            )
 
     @property
     def window(self) -> int | None:
@@ -107,6 +117,20 @@ class TrainerConfig:
                 "trainer.max_steps, accumulate_grad_batches and val_check_interval must be "
                 f"positive, got {self.max_steps}, {self.accumulate_grad_batches}, "
                 f"{self.val_check_interval}"
+            )
+        if self.devices != "auto" and (isinstance(self.devices, str) or self.devices <= 0):
+            raise ValueError(
+                f"trainer.devices must be a positive number or auto, got {self.devices!r}"
+            )
+        if self.limit_val_batches <= 0 or self.log_every_n_steps <= 0:
+            raise ValueError(
+                "trainer.limit_val_batches (a count, or a share in (0, 1]) and log_every_n_steps "
+                f"must be positive, got {self.limit_val_batches}, {self.log_every_n_steps}"
+            )
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ValueError(
+                f"trainer.gradient_clip_val must be positive or null (no clipping), got "
+                f"{self.gradient_clip_val}"
             )
         batches = self.max_steps * self.accumulate_grad_batches
         if batches % self.val_check_interval:
@@ -200,7 +224,10 @@ class RunConfig:
 
     @classmethod
     def from_hydra(cls, cfg: DictConfig) -> RunConfig:
-        c = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as err:  # a `???` in a YAML the command left unset
+            raise ValueError(f"{err.full_key} has no value: pass {err.full_key}=<value>") from err
         c.pop("hydra", None)
         trainer = dataclass_from_dict(TrainerConfig, c["trainer"], "trainer")
         data = DataConfig.from_dict(c["data"])
@@ -221,7 +248,9 @@ class RunConfig:
             init_from=init_from,
             data=data,
             tokenizer=tokenizer,
-            optim=OptimConfig(**optim, total_steps=trainer.max_steps),
+            optim=dataclass_from_dict(
+                OptimConfig, {**optim, "total_steps": trainer.max_steps}, "optim"
+            ),
             precision=dataclass_from_dict(PrecisionConfig, c["precision"], "precision"),
             trainer=trainer,
             logger=dataclass_from_dict(LoggerConfig, c["logger"], "logger"),
@@ -229,7 +258,7 @@ class RunConfig:
             eval=EvalConfig.from_dict(c["eval"]),
             export_hf=bool(c["export"]["hf"]),
             moe_heatmap_every=every,
-            seed=c["seed"],
+            seed=_seed(c["seed"]),
             resume=resolve_resume(c["ckpt_path"], c["run_dir"]),
             run_dir=Path(c["run_dir"]),
             cache_dir=Path(c["cache_dir"]),
@@ -258,6 +287,12 @@ class RunConfig:
         )
         optim = dataclasses.replace(self.optim, total_steps=steps)
         return dataclasses.replace(self, trainer=trainer, optim=optim)
+
+
+def _seed(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"seed must be an int, got {type(value).__name__} {value!r}")
+    return value
 
 
 def exports_without_mtp(model: ModelConfig) -> bool:
