@@ -364,7 +364,7 @@ def test_export_from_a_run_dir_and_checkpoint_errors(tmp_path, exported, tokeniz
         load_checkpoint(tmp_path / "missing")
     data = (run / "checkpoints" / "last.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="truncated.ckpt is damaged or incomplete"):
         load_checkpoint(tmp_path / "truncated.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"model": Path("x")}}, tmp_path / "obj.ckpt")
     with pytest.raises(ValueError, match="not a tinyreason checkpoint of tensors"):

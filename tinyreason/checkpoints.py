@@ -1,18 +1,22 @@
 """What a run leaves on disk, read and written in one place: Lightning checkpoints (`ckpt_path`
-resolution, our model from a checkpoint), the run's tokenizer folder, the Hugging Face export."""
+resolution, atomic writes, one verified read, our model from a checkpoint), the run's tokenizer
+folder, the Hugging Face export."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
-import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason import tokenizer as tokenizers
+from tinyreason.errors import UserError
 from tinyreason.model import CausalLM, ModelConfig
 from tinyreason.model.hf import (
     is_hf_folder,
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_DIR = "tokenizer"  # <run dir>/tokenizer/: saved by `train` at the start of a run
+PARTIAL = ".partial"  # <name>.ckpt.partial: a checkpoint being written (no reader takes it)
 
 
 def checkpoint_file(ckpt: str | os.PathLike, key: str = "ckpt") -> Path:
@@ -61,18 +66,76 @@ def run_dir_of(ckpt_file: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def _read(path: Path) -> dict:
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
+    """A Lightning checkpoint as a dict: every read of one (resume, `model.init_from`, export,
+    evaluate, generate) comes here. `torch.load(weights_only=True)`: tensors and plain containers
+    only, no code runs; `mmap`: tensors stay on disk until used (a look at the run config)."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {err}"
-        ) from err
-    except Exception as err:  # pickle.UnpicklingError: objects weights_only refuses
-        raise ValueError(f"{path}: not a tinyreason checkpoint of tensors ({err})") from err
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:
+        if "Unsupported global" in str(err):  # pickle.UnpicklingError: weights_only refused it
+            raise UserError(f"{path}: not a tinyreason checkpoint of tensors ({err})") from err
+        # a truncated zip (RuntimeError), an empty file, bytes that are no pickle
+        raise UserError(damaged(path, err)) from err
     if not isinstance(state, dict) or "state_dict" not in state:
-        raise ValueError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+        raise UserError(f"{path} is not a Lightning checkpoint: it has no state_dict")
     return state
+
+
+def damaged(path: Path, err: BaseException) -> str:
+    """The message for an unreadable checkpoint, naming the newest other `.ckpt` beside it."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    lines = str(err).strip().splitlines()
+    reason = lines[0][:200] if lines else type(err).__name__
+    if head != b"PK":  # torch.save writes a zip archive
+        reason = "an empty file" if not head else "not a torch zip archive"
+    others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()]
+    previous = max(others, key=lambda p: p.stat().st_mtime_ns, default=None)
+    where = f"the previous one is {previous}" if previous else f"no other .ckpt in {path.parent}"
+    return f"checkpoint {path} is damaged or incomplete ({reason}); {where}"
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into `<path>.partial` beside `path`, fsync'd and read back, then renamed
+    over `path` (`os.replace`, atomic on POSIX), then the folder fsync'd: a kill or a full disk
+    mid-write leaves the previous `path` whole, and an error leaves no partial file behind (a
+    kill leaves it; the next write of `path` replaces it)."""
+    partial = path.with_name(path.name + PARTIAL)
+    try:
+        with open(partial, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        read_checkpoint(partial, mmap=True)  # verified: a whole archive with a state_dict
+        os.replace(partial, path)
+    except BaseException as err:
+        partial.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = "; free some space, then resume with ckpt_path=last" if full else ""
+        raise UserError(
+            f"could not write checkpoint {path} ({err.strerror or err}); {kept}{hint}"
+        ) from err
+    try:  # the rename itself survives a power cut
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:  # a file system that cannot fsync a folder
+        pass
+
+
+def checkpoint_run_config(path: Path) -> tuple[dict | None, int]:
+    """(the composed config a checkpoint was trained with, or None before it was stored; its
+    step), read without loading its tensors."""
+    state = read_checkpoint(path, mmap=True)
+    return state.get("run_config"), int(state.get("global_step", 0))
 
 
 def _model_config(path: Path, state: dict) -> ModelConfig:
@@ -85,16 +148,13 @@ def _model_config(path: Path, state: dict) -> ModelConfig:
 def checkpoint_model_config(ckpt: str | os.PathLike) -> ModelConfig:
     """The architecture a checkpoint (or a run dir's last.ckpt) holds."""
     path = checkpoint_file(ckpt)
-    return _model_config(path, _read(path))
+    return _model_config(path, read_checkpoint(path, mmap=True))
 
 
 def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
-    """Our model, in eval mode, from a Lightning checkpoint of any stage (or its run folder).
-
-    Read with `torch.load(weights_only=True)`: tensors and plain containers only, no code runs.
-    """
+    """Our model, in eval mode, from a Lightning checkpoint of any stage (or its run folder)."""
     path = checkpoint_file(ckpt)
-    state = _read(path)
+    state = read_checkpoint(path)
     model = CausalLM(_model_config(path, state))
     load_model_weights(model, path, state)
     return model.eval()
@@ -102,7 +162,7 @@ def load_checkpoint(ckpt: str | os.PathLike) -> CausalLM:
 
 def load_model_weights(model: CausalLM, path: Path, state: dict | None = None) -> None:
     """The `model.*` weights of a checkpoint into `model` (of the same architecture)."""
-    state = _read(path) if state is None else state
+    state = read_checkpoint(path) if state is None else state
     weights = {
         k.removeprefix("model."): v
         for k, v in state["state_dict"].items()

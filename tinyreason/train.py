@@ -4,6 +4,8 @@
 and check the whole config (`RunConfig`), build the stage's data (tokenizer, shards) and module,
 validate once at step 0, fit, report. Exact match of the final weights and the Hugging Face
 export are callbacks at the end of fit (`training/exact_match.py`, `training/hf_export.py`).
+Checkpoints are written atomically; a run whose loss or gradient norm stays NaN / inf stops with
+`TrainingDiverged`, exit status 3 (`training/guard.py`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from tinyreason import errors
 from tinyreason.checkpoints import TOKENIZER_DIR
 from tinyreason.compose import CONF_DIR
 from tinyreason.data.shards import bytes_per_token
-from tinyreason.training.callbacks import MoEBiasUpdate, Throughput
+from tinyreason.training.callbacks import Checkpoints, MoEBiasUpdate, Throughput
 from tinyreason.training.exact_match import FinalEvaluation, exact_match_callbacks
+from tinyreason.training.guard import AtomicCheckpointIO, DivergenceGuard, TrainingDiverged
 from tinyreason.training.hf_export import HFExport
 from tinyreason.training.loggers import build_loggers, finish_wandb
 from tinyreason.training.quiet import quiet_start
@@ -78,7 +81,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, fl
 
 
 def build_trainer(run: RunConfig, module: L.LightningModule, callbacks: list) -> L.Trainer:
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+    checkpoints = Checkpoints(
         dirpath=run.run_dir / "checkpoints",
         filename="best-{step}",
         monitor="val/bpb",
@@ -91,7 +94,14 @@ def build_trainer(run: RunConfig, module: L.LightningModule, callbacks: list) ->
         precision=module.precision_config.lightning,
         default_root_dir=run.run_dir,
         logger=build_loggers(run),
-        callbacks=[checkpoints, MoEBiasUpdate(run.moe_heatmap_every), Throughput(), *callbacks],
+        callbacks=[
+            DivergenceGuard.for_run(run),  # first: it drops a bad step's gradients
+            checkpoints,
+            MoEBiasUpdate(run.moe_heatmap_every),
+            Throughput(),
+            *callbacks,
+        ],
+        plugins=[AtomicCheckpointIO()],
         num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
         # no_grad, not inference_mode: metric states reset during the step-0 `validate` must
@@ -118,7 +128,11 @@ def done_line(metrics: dict, steps: int, first: float | None, run: RunConfig) ->
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 @errors.reported
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except TrainingDiverged as err:  # the run stopped itself: its own status, no traceback
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(err.exit_code) from None
     return metrics.get("val/bpb")  # the value a sweeper would minimise
 
 

@@ -135,7 +135,8 @@ class LitCausalLM(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-        self.log("grad_norm", torch.stack(norms).norm() if norms else torch.tensor(0.0))
+        if norms:  # none: the divergence guard dropped this step's gradients (it warns)
+            self.log("grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.model, self.optim_config)

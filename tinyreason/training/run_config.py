@@ -1,10 +1,11 @@
 """The run config: the composed Hydra config, typed and checked in one pass before any work.
 
 `RunConfig.from_hydra(cfg)` builds every section's dataclass (model, data, tokenizer, optim,
-precision, trainer, logger, budget, eval, stage, checkpoint); a bad value fails here with a
-message naming the key, before a tokenizer is trained or a shard written. Nothing edits the Hydra
-config: what differs from it (a byte budget's step count, the vocabulary of the tokenizer, a
-Hugging Face model's architecture) is derived here from the config itself, so the saved
+precision, trainer, guard, logger, budget, eval, stage, checkpoint); a bad value fails here with
+a message naming the key, before a tokenizer is trained or a shard written; a resume, against the
+run config in its checkpoint first (`training/resume.py`). Nothing edits the Hydra config: what
+differs from it (a byte budget's step count, the vocabulary of the tokenizer, a Hugging Face
+model's architecture) is derived here from the config itself, so the saved
 `.hydra/config.yaml` (and the copy in every checkpoint, `composed`) reproduces the run.
 """
 
@@ -30,12 +31,14 @@ from tinyreason.checkpoints import (
 from tinyreason.data import packing, synthetic
 from tinyreason.data.shards import steps_for_bytes
 from tinyreason.data.sources import Corpus, ReasoningCorpus, build_corpus, dataclass_from_dict
+from tinyreason.errors import UserError
 from tinyreason.evaluation import EvalConfig
 from tinyreason.model import ModelConfig
 from tinyreason.model.hf import is_hf_folder, read_hf_config
 from tinyreason.tokenizer import TokenizerConfig
 from tinyreason.training.optim import OptimConfig
 from tinyreason.training.precision import PrecisionConfig
+from tinyreason.training.resume import check_resume
 
 LOGGERS = ("wandb", "csv", "none")
 # training-only knobs a Hugging Face start (`model.init_from`) takes from the model group
@@ -43,6 +46,7 @@ _HF_TRAINING_KNOBS = {
     "moe": ("balance", "balance_alpha", "bias_update_speed", "bias_update_until"),
     "mtp": ("loss_weight",),
 }
+MODEL_TRAINING_KEYS = tuple(f"model.{s}.{k}" for s, ks in _HF_TRAINING_KNOBS.items() for k in ks)
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,21 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """The divergence guard (`training/guard.py`)."""
+
+    max_bad_steps: int = 3  # non-finite steps skipped in a row; one more stops the run (exit 3)
+
+    def __post_init__(self) -> None:
+        n = self.max_bad_steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise UserError(
+                "guard.max_bad_steps must be a whole number >= 0 (0: stop at the first "
+                f"non-finite loss or gradient norm), got {n!r}"
+            )
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
     """A fixed budget of training text (vocabulary comparisons): `train_bytes` sets the steps from
     the shards' bytes/token, with `num_evals` validations spread evenly over the run."""
@@ -211,6 +230,7 @@ class RunConfig:
     optim: OptimConfig
     precision: PrecisionConfig
     trainer: TrainerConfig
+    guard: GuardConfig
     logger: LoggerConfig
     budget: BudgetConfig
     eval: EvalConfig
@@ -229,6 +249,9 @@ class RunConfig:
         except MissingMandatoryValue as err:  # a `???` in a YAML the command left unset
             raise ValueError(f"{err.full_key} has no value: pass {err.full_key}=<value>") from err
         c.pop("hydra", None)
+        resume = resolve_resume(c["ckpt_path"], c["run_dir"])
+        if resume is not None:  # before any other work: a damaged file or another run stops here
+            check_resume(resume, c, MODEL_TRAINING_KEYS)
         trainer = dataclass_from_dict(TrainerConfig, c["trainer"], "trainer")
         data = DataConfig.from_dict(c["data"])
         model, init_from, tokenizer = _model_and_tokenizer(c["model"], c["tokenizer"], data)
@@ -253,13 +276,14 @@ class RunConfig:
             ),
             precision=dataclass_from_dict(PrecisionConfig, c["precision"], "precision"),
             trainer=trainer,
+            guard=dataclass_from_dict(GuardConfig, c.get("guard") or {}, "guard"),
             logger=dataclass_from_dict(LoggerConfig, c["logger"], "logger"),
             budget=dataclass_from_dict(BudgetConfig, c.get("budget") or {}, "budget"),
             eval=EvalConfig.from_dict(c["eval"]),
             export_hf=bool(c["export"]["hf"]),
             moe_heatmap_every=every,
             seed=_seed(c["seed"]),
-            resume=resolve_resume(c["ckpt_path"], c["run_dir"]),
+            resume=resume,
             run_dir=Path(c["run_dir"]),
             cache_dir=Path(c["cache_dir"]),
             composed=c,
