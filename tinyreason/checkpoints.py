@@ -89,7 +89,7 @@ def damaged(path: Path, err: BaseException) -> str:
     with open(path, "rb") as f:
         head = f.read(2)
     lines = str(err).strip().splitlines()
-    reason = lines[0][:200] if lines else type(err).__name__
+    reason = lines[0].split(". ")[0][:200] if lines else type(err).__name__  # its first sentence
     if head != b"PK":  # torch.save writes a zip archive
         reason = "an empty file" if not head else "not a torch zip archive"
     others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()]
