@@ -1,6 +1,6 @@
 """`python -m tinyreason.bench generate` compares speeds on the premise that our batched sampler
-and transformers' `generate` decode the same greedy tokens from one export: check that premise
-on a debug model (no timing asserts)."""
+and transformers' `generate` decode the same greedy tokens from one export, and that MTP
+speculative decoding decodes ours: check those premises on a debug model (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -37,4 +37,10 @@ def test_ours_and_transformers_generate_identical_tokens(tmp_path):
     for r in rows.values():
         assert r["mismatches"] == [] and r["identical"] == 1.0
         assert 0 < r["new_tokens"] <= r["prompts"] * 6
-    assert "| 4 | 4 |" in report(result)
+        # the export keeps the MTP layer: speculative decoding ran beside, same tokens as ours
+        spec = r["speculative"]
+        assert spec["mismatches"] == [] and spec["identical"] == 1.0
+        assert spec["new_tokens"] == r["new_tokens"] and 0 <= spec["acceptance_rate"] <= 1
+        assert spec["speedup"] > 0 and 1 <= spec["tokens_per_forward"] <= 2
+    text = report(result)
+    assert "| 4 | 4 |" in text and "speculative / plain" in text

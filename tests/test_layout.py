@@ -31,7 +31,12 @@ ALLOWED = {
     "tinyreason.data": ("tinyreason.data", "tinyreason.tokenizer"),
     "tinyreason.compose": (),
 }
-LIBRARY = ("tinyreason.sampling", "tinyreason.evaluation", "tinyreason.checkpoints")
+LIBRARY = (
+    "tinyreason.sampling",
+    "tinyreason.speculative",
+    "tinyreason.evaluation",
+    "tinyreason.checkpoints",
+)
 MAX_LINES = 450
 DATA_TABLES = {"tinyreason/data/templates.py"}  # word tables, not logic
 

@@ -9,7 +9,9 @@ An `EvalSet` is a list of `Item`s (question, gold answer, kind, language, checke
 `evaluate_items` answers them with the batched sampler (greedy, the chat template) and reports
 exact match overall / per kind / per language, the share with no parsable answer, the mean
 completion length and tokens/s; with `num_samples > 1` also pass@k by the unbiased estimator
-1 - C(n-c, k) / C(n, k) (Chen et al. 2021, arXiv 2107.03374).
+1 - C(n-c, k) / C(n, k) (Chen et al. 2021, arXiv 2107.03374). `speculative` drafts the greedy
+completions with the model's MTP module (`tinyreason.speculative`: the same tokens, fewer main
+forwards) and reports the drafts' acceptance rate; pass@k samples stay plain sampling.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from transformers import PreTrainedTokenizerFast
 
 from tinyreason.data import synthetic
 from tinyreason.data.sources import dataclass_from_dict, language_of
-from tinyreason.model import CausalLM
+from tinyreason.model import CausalLM, ModelConfig
 from tinyreason.sampling import SamplingConfig, prompt_ids, sample
+from tinyreason.speculative import SpeculativeStats, check_speculative, speculative_sample
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +148,12 @@ class EvalOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    speculative: bool = False  # greedy completions drafted by the MTP module (needs mtp.depth >= 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", tuple(self.k))
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"eval.speculative must be true or false, got {self.speculative!r}")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 "eval.num_samples, eval.batch_size and eval.max_new_tokens must be >= 1, got "
@@ -175,8 +181,10 @@ def complete(
     config: SamplingConfig,
     batch_size: int,
     seed_offset: int = 0,
+    speculative: SpeculativeStats | None = None,
 ) -> tuple[list[str], list[int]]:
-    """(completions, their token counts), prompts batched longest-first (less padding)."""
+    """(completions, their token counts), prompts batched longest-first (less padding). Greedy
+    with `speculative` (a stats object it adds to): MTP-drafted, the same completions."""
     prompts = [_prompt(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     limit = model.config.max_seq_len
@@ -188,14 +196,14 @@ def complete(
         if room < 1:
             raise ValueError(f"a prompt of {max(len(p) for p in batch)} tokens fills the window")
         cfg = SamplingConfig(min(config.max_new_tokens, room), *_rest(config))
-        new = sample(
-            model,
-            batch,
-            cfg,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id or 0,
-            seeds=[config.seed + seed_offset + i for i in rows],
+        special = dict(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0
         )
+        if speculative is not None:
+            new = speculative_sample(model, batch, cfg, **special, stats=speculative)
+        else:
+            seeds = [config.seed + seed_offset + i for i in rows]
+            new = sample(model, batch, cfg, **special, seeds=seeds)
         for i, ids in zip(rows, new, strict=True):
             texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
             lengths[i] = len(ids)
@@ -213,11 +221,13 @@ def evaluate_items(
     options: EvalOptions = EvalOptions(),
 ) -> tuple[dict, list[dict]]:
     """(report, one record per item) for greedy exact match, plus pass@k when num_samples > 1."""
+    if options.speculative:  # before any generation
+        check_speculative(model.config)
     start = time.perf_counter()
     greedy = SamplingConfig(options.max_new_tokens)
-    texts, lengths = complete(
-        model, tokenizer, [it.question for it in items], greedy, options.batch_size
-    )
+    drafts = SpeculativeStats() if options.speculative else None
+    questions = [it.question for it in items]
+    texts, lengths = complete(model, tokenizer, questions, greedy, options.batch_size, 0, drafts)
     seconds = time.perf_counter() - start
     correct = [it.check(t) for it, t in zip(items, texts, strict=True)]
     records = [
@@ -240,6 +250,8 @@ def evaluate_items(
         "mean_completion_tokens": sum(lengths) / len(items),
         "tokens_per_s": sum(lengths) / max(seconds, 1e-9),
     }
+    if drafts is not None:
+        report["speculative"] = drafts.as_dict()
     if options.num_samples > 1:
         report["pass_at_k"] = _pass_at_k(model, tokenizer, items, options, records)
     return report, records
@@ -285,7 +297,9 @@ class EvalConfig:
     at_end: bool = True  # train: evaluate `splits` and `files` on the final weights
 
     @classmethod
-    def from_dict(cls, d: dict) -> EvalConfig:
+    def from_dict(cls, d: dict, model: ModelConfig | None = None) -> EvalConfig:
+        """The `eval` group; given the run's `model`, also refuse what it cannot run
+        (`speculative` without MTP) before any work."""
         d = dict(d)
         option_keys = [f.name for f in dataclasses.fields(EvalOptions)]
         options = dataclass_from_dict(
@@ -296,6 +310,8 @@ class EvalConfig:
         unknown += sorted(f"during_training.{k}" for k in set(during) - {"num_problems", "split"})
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in eval")
+        if options.speculative and model is not None:
+            check_speculative(model)
         split = during.get("split", "validation")
         if split not in CORPUS_SPLITS:
             raise ValueError(
@@ -343,6 +359,9 @@ def summary(name: str, report: dict) -> str:
     line = f"{name}: exact match {report['exact_match']:.1%} of {report['num_problems']} ({kinds})"
     for key, value in report.get("pass_at_k", {}).items():
         line += f", {key} {value:.1%}"
+    if "speculative" in report:
+        s = report["speculative"]
+        line += f"; drafts accepted {s['acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens/forward"
     return line + f"; no answer {report['no_answer']:.1%}, {report['tokens_per_s']:.0f} tokens/s"
 
 

@@ -88,15 +88,7 @@ def sample(
     seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (ending at the first eos, included, or at max_new_tokens)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("need at least one prompt, each with at least one token")
-    limit = model.config.max_seq_len
-    longest = max(len(p) for p in prompts)
-    if longest + config.max_new_tokens - 1 > limit:
-        raise ValueError(
-            f"the longest prompt ({longest} tokens) + max_new_tokens={config.max_new_tokens} "
-            f"exceed the model's max_seq_len={limit}"
-        )
+    check_prompts(model, prompts, config.max_new_tokens)
     model.eval()
     device = next(model.parameters()).device
     seeds = seeds if seeds is not None else [config.seed + i for i in range(len(prompts))]
@@ -106,7 +98,21 @@ def sample(
     return _sample_uncached(model, prompts, config, eos_token_id, generators)
 
 
-def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def check_prompts(model: CausalLM, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse an empty batch or prompt, and prompts that leave no room for max_new_tokens (the
+    last new token is never fed back)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need at least one prompt, each with at least one token")
+    limit = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens - 1 > limit:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} "
+            f"exceed the model's max_seq_len={limit}"
+        )
+
+
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [B, P] (left-padded) and the mask of real tokens [B, P]."""
     P = max(len(p) for p in prompts)
     ids_BP = torch.full((len(prompts), P), pad, dtype=torch.long, device=device)
@@ -115,6 +121,17 @@ def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
         ids_BP[i, P - len(p) :] = torch.tensor(p, device=device)
         real_BP[i, P - len(p) :] = True
     return ids_BP, real_BP
+
+
+def prefill_mask(real_BP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, 1, P, P], positions [B, P]) of a left-padded prefill: causal over the real
+    tokens, a pad query sees only itself (no empty softmax row); a row's first real token is
+    position 0."""
+    P = real_BP.shape[1]
+    causal_PP = torch.ones(P, P, dtype=torch.bool, device=real_BP.device).tril()
+    eye_PP = torch.eye(P, dtype=torch.bool, device=real_BP.device)
+    mask_B1PP = (causal_PP & (real_BP[:, None, :] | eye_PP))[:, None]
+    return mask_B1PP, (real_BP.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _sample_cached(
@@ -126,17 +143,13 @@ def _sample_cached(
     generators: list[torch.Generator],
 ) -> list[list[int]]:
     device = next(model.parameters()).device
-    ids_BP, real_BP = _left_pad(prompts, pad, device)
+    ids_BP, real_BP = left_pad(prompts, pad, device)
     B, P = ids_BP.shape
     capacity = P + config.max_new_tokens
     cache = KVCache(len(model.layers), capacity=capacity)
     keys_BT = torch.zeros(B, capacity, dtype=torch.bool, device=device)  # attendable positions
     keys_BT[:, :P] = real_BP
-    # Prefill: causal over the real tokens; a pad query sees only itself (no empty softmax row).
-    causal_PP = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    eye_PP = torch.eye(P, dtype=torch.bool, device=device)
-    mask_B1PP = (causal_PP & (real_BP[:, None, :] | eye_PP))[:, None]
-    positions_BP = (real_BP.long().cumsum(-1) - 1).clamp(min=0)
+    mask_B1PP, positions_BP = prefill_mask(real_BP)
     logits_BV = model(ids_BP, cache=cache, position_ids=positions_BP, attn_mask=mask_B1PP).logits[
         :, -1
     ]

@@ -18,6 +18,11 @@ mean context) ran at the fp32 matmul rate measured here (`perf.matmul_flops`). O
 ours (no eos: the batch stays full) is timed at batch 1 and at the largest batch, with the number
 of aten ops it dispatches: what bounds ours. On a machine others load, pass `--threads 1`: torch's
 OpenMP threads spin-wait for descheduled peers, which makes multi-thread timings 10x slower, noise.
+
+A model with MTP (a trained run's export; the random model has none) is also decoded with MTP
+self-speculative greedy decoding (`tinyreason.speculative`) in the same rounds: its speedup over
+ours (the median over rounds of plain / speculative seconds), the drafts' acceptance rate, new
+tokens per main-model forward and the rows identical to ours.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tinyreason.model import CausalLM
 from tinyreason.model.flops import flops_per_token
 from tinyreason.model.hf import is_hf_folder
 from tinyreason.sampling import SamplingConfig, sample
+from tinyreason.speculative import SpeculativeStats, speculative_sample
 from tinyreason.training.perf import matmul_flops
 
 WHO = ("ours", "theirs")
@@ -73,6 +79,12 @@ def run_ours(model, batches, max_new: int, eos, pad) -> list[list[int]]:
     return [
         r for b in batches for r in sample(model, b, config, eos_token_id=eos, pad_token_id=pad)
     ]
+
+
+def run_speculative(model, batches, max_new: int, eos, pad, stats) -> list[list[int]]:
+    config = SamplingConfig(max_new_tokens=max_new)
+    kw = dict(eos_token_id=eos, pad_token_id=pad, stats=stats)
+    return [r for b in batches for r in speculative_sample(model, b, config, **kw)]
 
 
 def run_theirs(hf, tokenizer, batches, max_new: int, eos, pad) -> list[list[int]]:
@@ -139,6 +151,7 @@ def bench_generate(
 
     time_of = CLOCKS[clock]
     ours, tokenizer = load_model(folder)
+    drafter = ours if ours.config.mtp.depth else None  # speculative decoding drafts with MTP
     if ours.config.mtp.depth:  # sampling never runs MTP
         ours = without_mtp(ours)
     kwargs = {"experts_implementation": hf_experts} if hf_experts else {}
@@ -154,7 +167,11 @@ def bench_generate(
     # warm-up of both on the smallest batch
     run_ours(ours, runs[batch_sizes[0]][:1], 2, eos, pad)
     run_theirs(hf, hf_tok, runs[batch_sizes[0]][:1], 2, eos, pad)
-    times = {(b, w): [] for b in batch_sizes for w in WHO}
+    who = WHO if drafter is None else (*WHO, "speculative")
+    if drafter is not None:
+        run_speculative(drafter, runs[batch_sizes[0]][:1], 3, eos, pad, SpeculativeStats())
+    times = {(b, w): [] for b in batch_sizes for w in who}
+    drafts = {b: SpeculativeStats() for b in batch_sizes}
     outputs: dict = {}
     peaks = []
     for _ in range(repeats):  # interleaved, so that load from other users hits both alike
@@ -163,6 +180,11 @@ def bench_generate(
             start = time_of()
             if w == "ours":
                 outputs[b, w] = run_ours(ours, runs[b], max_new_tokens, eos, pad)
+            elif w == "speculative":  # greedy: the same counts every round, keep the last
+                drafts[b] = SpeculativeStats()
+                outputs[b, w] = run_speculative(
+                    drafter, runs[b], max_new_tokens, eos, pad, drafts[b]
+                )
             else:
                 outputs[b, w] = run_theirs(hf, hf_tok, runs[b], max_new_tokens, eos, pad)
             rounds.append(time_of() - start)
@@ -178,6 +200,8 @@ def bench_generate(
             dict(batch=b, prompts=len(mine), new_tokens=new_tokens, identical=identical, **med)
             | dict(mismatches=bad, rounds=tps)
         )
+        if drafter is not None:
+            rows[-1]["speculative"] = _speculative_row(b, mine, outputs, times, drafts[b])
     context = statistics.mean(len(p) for p in prompts) + max_new_tokens / 2
     forward = flops_per_token(ours, round(context)) / 3
     peak = statistics.median(peaks)
@@ -188,6 +212,46 @@ def bench_generate(
         seconds, ops = decode_step(ours, prompts[:b], max_new_tokens, pad, time_of)
         result["steps"][b] = dict(seconds=seconds, ops=ops, flop_seconds=b * forward / peak)
     return result
+
+
+def _speculative_row(b: int, mine, outputs: dict, times: dict, drafts: SpeculativeStats) -> dict:
+    spec = outputs[b, "speculative"]
+    bad = [(i, a, t) for i, (a, t) in enumerate(zip(spec, mine, strict=True)) if a != t]
+    speedups = [p / s for p, s in zip(times[b, "ours"], times[b, "speculative"], strict=True)]
+    tps = [sum(map(len, spec)) / t for t in times[b, "speculative"]]
+    return (
+        dict(
+            speedup=statistics.median(speedups),
+            rounds=speedups,
+            tokens_per_s=statistics.median(tps),
+            identical=1 - len(bad) / len(spec),
+            mismatches=bad,
+        )
+        | drafts.as_dict()
+    )
+
+
+def _speculative_report(rows: list[dict]) -> list[str]:
+    lines = [
+        "\n| batch | plain tokens/s | speculative tokens/s | speculative / plain (median of "
+        "rounds) | drafts accepted | new tokens per forward | identical rows |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        s = r["speculative"]
+        lines.append(
+            f"| {r['batch']} | {r['ours']:,.0f} | {s['tokens_per_s']:,.0f} | {s['speedup']:.2f}x | "
+            f"{100 * s['acceptance_rate']:.1f}% | {s['tokens_per_forward']:.2f} | "
+            f"{100 * s['identical']:.1f}% |"
+        )
+    for r in rows:
+        for i, a, t in r["speculative"]["mismatches"]:
+            k = _first_diff(a, t)
+            lines.append(
+                f"MISMATCH speculative batch {r['batch']} row {i}: first differs at new token {k}: "
+                f"speculative ...{a[k : k + 8]}, plain ...{t[k : k + 8]}"
+            )
+    return lines
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:
@@ -238,6 +302,8 @@ def report(result: dict) -> str:
                 f"(ours {len(a)}, transformers {len(t)} tokens): ours ...{a[k : k + 8]}, "
                 f"transformers ...{t[k : k + 8]}"
             )
+    if any("speculative" in r for r in result["rows"]):
+        lines += _speculative_report(result["rows"])
     return "\n".join(lines)
 
 
@@ -279,3 +345,6 @@ def main(argv: list[str] | None = None) -> None:
         for who, name in zip(WHO, ("ours", "transformers"), strict=True):
             rounds = ", ".join(f"{v:,.0f}" for v in r["rounds"][who])
             print(f"batch {r['batch']} {name}: rounds (tokens/s) {rounds}")
+        if "speculative" in r:
+            rounds = ", ".join(f"{v:.2f}x" for v in r["speculative"]["rounds"])
+            print(f"batch {r['batch']} speculative / plain: rounds {rounds}")

@@ -16,6 +16,9 @@ from .layers import Linear, RMSNorm
 
 # HF DeepseekV3 builds q_a_layernorm / kv_a_layernorm without config.rms_norm_eps, i.e. eps=1e-6.
 LATENT_NORM_EPS = 1e-6
+# MLA attends in the latent space (absorbed) for a chunk of fewer new positions after a KV cache;
+# expanding K and V for every cached position costs less per query only for long chunks.
+ABSORBED_MAX_CHUNK = 16
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos_SR, sin_SR), fp32
 
@@ -210,10 +213,12 @@ class MLA(nn.Module):
         if cache is not None:
             c_BTC, k_rope_BT1R = cache.extend(c_BSC, k_rope_BS1R)
         q_rope_BSHR = apply_rope(q_rope_BSHR, rope, interleaved=True)  # eq. 8
-        if cache is not None and S == 1:  # one decoding step: attend in the latent space
+        T = c_BTC.shape[1]
+        # Decoding (one token, or a short chunk after cached ones: speculative verification):
+        # attend in the latent space. A prefill (S == T) or a long chunk expands K and V.
+        if cache is not None and (S == 1 or S < min(T, ABSORBED_MAX_CHUNK)):
             o_BSHU = self._absorbed(q_nope_BSHP, q_rope_BSHR, c_BTC, k_rope_BT1R, mask_B1ST)
             return self.o_proj(o_BSHU.reshape(B, S, H * U))
-        T = c_BTC.shape[1]
         k_nope_BTHP, v_BTHU = self.kv_b_proj(c_BTC).view(B, T, H, P + U).split([P, U], dim=-1)
 
         q_BSHQ = torch.cat([q_nope_BSHP, q_rope_BSHR], dim=-1)  # eq. 9
@@ -246,6 +251,9 @@ class MLA(nn.Module):
         q_BHSX = torch.cat([q_lat_BSHC, q_rope_BSHR], dim=-1).transpose(1, 2)
         k_B1TX = torch.cat([c_BTC, k_rope_BT1R[:, :, 0]], dim=-1)[:, None]
         scores_BHST = (q_BHSX @ k_B1TX.transpose(-1, -2)) * self.scale
+        S, T = scores_BHST.shape[-2:]
+        if mask_B1ST is None and S > 1:  # a chunk after cached keys: query i sees keys <= T-S+i
+            mask_B1ST = torch.ones(S, T, dtype=torch.bool, device=c_BTC.device).tril(T - S)
         if mask_B1ST is not None:
             scores_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf"))
         o_lat_BHSC = scores_BHST.float().softmax(dim=-1).to(c_BTC.dtype) @ c_BTC[:, None]

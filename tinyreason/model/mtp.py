@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Rope
+from .attention import LayerCache, Rope
 from .layers import Linear, RMSNorm
 
 
@@ -35,12 +35,15 @@ class MTPModule(nn.Module):
         h_prev_BSD: torch.Tensor,
         rope: Rope,
         attn_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """emb = Emb(t_{i+k}) and h^{k-1}_i, aligned per position -> (h^k [B, S, D], balance loss).
 
         h^k is returned after `norm`: the shared head reads it, and depth k+1 takes it as its
         h^{k-1}, like h^0, which is the main model's final-normed state (Megatron does the same).
+        `cache` (drafting, `tinyreason.speculative`): the block's own attention cache over the h'
+        sequence; the positions continue the cached ones.
         """
         h_BSD = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_prev_BSD)], dim=-1))
-        h_BSD, balance = self.block(h_BSD, rope, None, attn_mask)
+        h_BSD, balance = self.block(h_BSD, rope, cache, attn_mask)
         return self.norm(h_BSD), balance

@@ -62,6 +62,7 @@ class ModelOutput:
     mtp_logits: tuple[
         torch.Tensor, ...
     ] = ()  # depth k: [B, S-k, V]; position i predicts targets[i+k]
+    hidden: torch.Tensor | None = None  # [B, S, D] final-normed state: h^0 of MTP (drafting)
 
 
 def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class CausalLM(nn.Module):
         Batched decoding of left-padded prompts passes `position_ids` [B, S] (each row's own
         positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding)."""
         start = 0 if cache is None else cache.length
-        _check_inputs(input_ids, targets, self.config.max_seq_len, start)
+        _check_inputs(input_ids, targets, self.config.max_seq_len, start, position_ids)
         if cache is not None and targets is not None:
             raise ValueError("targets and a KV cache do not mix: the cache is for decoding")
         rope = self._rope(start, input_ids, position_ids)
@@ -124,7 +125,7 @@ class CausalLM(nn.Module):
             if balance is not None:
                 balances.append(balance)
         h_BSD = self.norm(x_BSD)  # also h^0 of MTP
-        out = ModelOutput(logits=self.lm_head(h_BSD))
+        out = ModelOutput(logits=self.lm_head(h_BSD), hidden=h_BSD)
         zero = torch.zeros((), device=input_ids.device)
         if targets is not None:
             out.ce = cross_entropy(out.logits, targets)
@@ -180,6 +181,26 @@ class CausalLM(nn.Module):
             logits.append(self.lm_head(h_BSD))
         return tuple(logits)
 
+    def mtp_hidden(
+        self,
+        h_BSD: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache: LayerCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Depth 1 of MTP run as a drafter: h^1 [B, S, D] (the head's input) at positions i whose
+        h^0 is h_BSD [B, S, D] and whose next token t_{i+1} is next_ids [B, S]; lm_head(h^1_i)
+        predicts t_{i+2}. As `_mtp_logits` trains it, position i attends over positions <= i.
+        With `cache` (the MTP block's own LayerCache over the h' sequence) the positions continue
+        the cached ones, as a KV cache does for the main model."""
+        if not self.mtp:
+            raise ValueError("this model has no MTP module (model.mtp.depth=0)")
+        start = 0 if cache is None else cache.length
+        rope = self._rope(start, next_ids, position_ids)
+        h_BSD, _ = self.mtp[0](self.embed_tokens(next_ids), h_BSD, rope, attn_mask, cache)
+        return h_BSD
+
     def moe_layers(self) -> list[MoE]:
         """Every MoE FFN, main layers first, then MTP blocks (for the per-step bias update)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -210,11 +231,20 @@ class CausalLM(nn.Module):
 
 
 def _check_inputs(
-    input_ids: torch.Tensor, targets: torch.Tensor | None, max_seq_len: int, start: int = 0
+    input_ids: torch.Tensor,
+    targets: torch.Tensor | None,
+    max_seq_len: int,
+    start: int = 0,
+    position_ids: torch.Tensor | None = None,
 ) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if start + input_ids.shape[1] > max_seq_len:
+    if position_ids is not None:  # the window bounds positions, not cache slots (holes allowed)
+        if position_ids.numel() and int(position_ids.max()) >= max_seq_len:
+            raise ValueError(
+                f"position_ids reach {int(position_ids.max())} >= max_seq_len {max_seq_len}"
+            )
+    elif start + input_ids.shape[1] > max_seq_len:
         cached = f" after {start} cached ones" if start else ""
         raise ValueError(
             f"input_ids has {input_ids.shape[1]} positions{cached} > max_seq_len {max_seq_len}"

@@ -3,7 +3,9 @@
 
 The problems are fixed for the run (the first `eval.during_training.num_problems` of a held-out
 split, balanced over kinds), answered with the batched sampler in fp32 (autocast off, as the
-exported weights run), so the curve is comparable across steps and with `tinyreason.evaluate`.
+exported weights run), so the curve is comparable across steps and with `tinyreason.evaluate`;
+`eval.speculative=true` drafts them with the MTP module (the same completions, and
+`val/draft_acceptance`).
 Every rank generates the same problems with the same weights: no collective runs inside, so
 DDP ranks cannot deadlock, and each logs the same value.
 """
@@ -53,6 +55,8 @@ class ExactMatch(L.Callback):
         metrics = {"val/exact_match": report["exact_match"]}
         metrics |= {f"val/exact_match_{k}": v for k, v in report["by_kind"].items()}
         metrics["val/no_answer"] = report["no_answer"]
+        if "speculative" in report:  # eval.speculative: the MTP drafts' acceptance rate
+            metrics["val/draft_acceptance"] = report["speculative"]["acceptance_rate"]
         metrics["time/seconds"] = (
             time.perf_counter() - self._start
         )  # since fit began, evals included

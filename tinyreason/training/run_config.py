@@ -279,7 +279,7 @@ class RunConfig:
             guard=dataclass_from_dict(GuardConfig, c.get("guard") or {}, "guard"),
             logger=dataclass_from_dict(LoggerConfig, c["logger"], "logger"),
             budget=dataclass_from_dict(BudgetConfig, c.get("budget") or {}, "budget"),
-            eval=EvalConfig.from_dict(c["eval"]),
+            eval=EvalConfig.from_dict(c["eval"], model),
             export_hf=bool(c["export"]["hf"]),
             moe_heatmap_every=every,
             seed=_seed(c["seed"]),
