@@ -224,6 +224,10 @@ def test_refuses_a_model_without_mtp_and_sampling():
         speculative_sample(with_mtp, [[3, 4]], SamplingConfig(4, 0.8), eos_token_id=None)
     with pytest.raises(ValueError, match="max_seq_len=128"):
         speculative_sample(with_mtp, [list(range(3, 103))], SamplingConfig(30), eos_token_id=None)
+    # decoding with holes: the window bounds the positions, not the cache slots
+    one, cache = torch.zeros(1, 1, dtype=torch.long), KVCache(len(with_mtp.layers))
+    with pytest.raises(ValueError, match="position_ids reach 128 >= max_seq_len 128"):
+        with_mtp(one, cache=cache, position_ids=torch.tensor([[128]]))
 
 
 def test_eval_speculative_gives_the_same_completions(trained):

@@ -113,7 +113,8 @@ class CausalLM(nn.Module):
         Batched decoding of left-padded prompts passes `position_ids` [B, S] (each row's own
         positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding)."""
         start = 0 if cache is None else cache.length
-        _check_inputs(input_ids, targets, self.config.max_seq_len, start, position_ids)
+        decoding_positions = position_ids if cache is not None else None
+        _check_inputs(input_ids, targets, self.config.max_seq_len, start, decoding_positions)
         if cache is not None and targets is not None:
             raise ValueError("targets and a KV cache do not mix: the cache is for decoding")
         rope = self._rope(start, input_ids, position_ids)
@@ -235,11 +236,15 @@ def _check_inputs(
     targets: torch.Tensor | None,
     max_seq_len: int,
     start: int = 0,
-    position_ids: torch.Tensor | None = None,
+    decoding_positions: torch.Tensor | None = None,
 ) -> None:
+    """With a KV cache and explicit positions (batched decoding) the window bounds the positions,
+    not the cache slots: speculative decoding leaves holes (`tinyreason.speculative`). Without a
+    cache, the input's length (no device sync in training)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if position_ids is not None:  # the window bounds positions, not cache slots (holes allowed)
+    position_ids = decoding_positions
+    if position_ids is not None:
         if position_ids.numel() and int(position_ids.max()) >= max_seq_len:
             raise ValueError(
                 f"position_ids reach {int(position_ids.max())} >= max_seq_len {max_seq_len}"
