@@ -13,7 +13,7 @@ from test_sft import StopAfterValidation
 from tinyreason.train import train
 from tinyreason.training.grpo import group_advantages, grpo_loss, token_logps
 from tinyreason.training.grpo_data import GRPOConfig, StepPrompts
-from tinyreason.training.rewards import overlong, well_formed
+from tinyreason.training.rewards import overlong, well_formed, working
 
 
 def sevens(question: str, completion: str, answer: str) -> float:
@@ -115,6 +115,11 @@ def test_rewards_format_and_overlong():
     assert not well_formed("1 + 1 = 2\n</think>\nAnswer: 2")  # no opening tag
     assert not well_formed("<think>\n2\n</think>\n")  # no answer
     assert [overlong(n, 100, 20) for n in (50, 80, 90, 100)] == [0.0, 0.0, -0.5, -1.0]
+    reference = ("12 + 30 = 42", "42 - 2 = 40")
+    assert working("<think>\n12 + 30 = 42\n42 - 2 = 40\n</think>\nAnswer: 40", reference) == 1.0
+    assert working("<think>\n42 - 2 = 40\n12 + 30 = 42\n</think>\nAnswer: 40", reference) == 0.5
+    assert working("<think>\n12 + 30 = 43\n</think>\nAnswer: 41", reference) == 0.0
+    assert working("42 - 2 = 40\nAnswer: 40", reference) == 0.5  # no tags: the whole text is the head
 
 
 def test_step_prompts_depend_on_the_step_alone():

@@ -1,10 +1,11 @@
-"""Table and plot of a post-training chain: pretrain -> SFT -> DPO, one run dir per stage.
+"""Table and plot of a post-training chain: pretrain -> SFT -> DPO / GRPO, one run dir per stage.
 
-    python experiments/post_training/summarize.py <pretrain run> <sft run> <dpo run> [--out DIR]
+    python experiments/post_training/summarize.py <pretrain run> <sft run> <dpo run> <grpo run> [--out DIR]
 
 Each run dir holds eval.json (the final test / ood report), csv/metrics.csv (val/exact_match,
 val/bpb and time/seconds at every validation; DPO's val/dpo_loss and dpo/accuracy) and
-.hydra/config.yaml (its stage). Writes results.csv, results.md and stages.png to --out.
+.hydra/config.yaml (its stage); GRPO's grpo/reward_mean, grpo/accuracy and grpo/frac_reward_zero_std
+at every step. Writes results.csv, results.md, stages.png and (with a GRPO run) grpo.png to --out.
 """
 
 from __future__ import annotations
@@ -43,7 +44,21 @@ def row(run: Path) -> dict:
     if dpo:
         out["val_dpo_loss"] = float(dpo[-1]["val/dpo_loss"])
         out["val_dpo_accuracy"] = float(dpo[-1]["val/dpo_accuracy"])
+    grpo = [r for r in metrics if r.get("grpo/reward_mean")]
+    if grpo:
+        for key in ("reward_mean", "accuracy", "frac_reward_zero_std", "completion_length"):
+            out[f"grpo_{key}"] = sum(float(r[f"grpo/{key}"]) for r in grpo) / len(grpo)
     return out
+
+
+def grpo_curves(run: Path) -> dict[str, list[float]]:
+    rows = [
+        r for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("grpo/reward_mean")
+    ]
+    keys = ("reward_mean", "accuracy", "frac_reward_zero_std")
+    return {"step": [float(r["step"]) for r in rows]} | {
+        k: [float(r[f"grpo/{k}"]) for r in rows] for k in keys
+    }
 
 
 def curves(run: Path) -> list[tuple[float, float]]:
@@ -103,6 +118,19 @@ def main() -> None:
     right.legend()
     fig.tight_layout()
     fig.savefig(args.out / "stages.png", dpi=120)
+    for run, r in zip(args.runs, rows, strict=True):
+        if r["stage"] != "grpo":
+            continue
+        c = grpo_curves(run)
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(c["step"], c["reward_mean"], label="reward mean")
+        ax.plot(c["step"], c["accuracy"], label="accuracy (checker)")
+        ax.plot(c["step"], c["frac_reward_zero_std"], label="frac_reward_zero_std")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "grpo.png", dpi=120)
 
 
 if __name__ == "__main__":

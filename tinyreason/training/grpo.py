@@ -34,7 +34,14 @@ from tinyreason.checkpoints import load_init_weights
 from tinyreason.evaluation import Item
 from tinyreason.sampling import SamplingConfig, sample
 from tinyreason.training.grpo_data import GRPOConfig
-from tinyreason.training.rewards import RewardError, load_reward_fn, overlong, score, well_formed
+from tinyreason.training.rewards import (
+    RewardError,
+    load_reward_fn,
+    overlong,
+    score,
+    well_formed,
+    working,
+)
 from tinyreason.training.sft import SFTModule
 
 
@@ -144,6 +151,7 @@ class GRPOModule(SFTModule):
         self.last_step_tokens = 0  # what the Throughput callback counts for this step
         self.pool: list[Item] = []
         self.prompts: list[list[int]] = []
+        self.references: list[tuple[str, ...]] = []
         self.tokenizer = None
 
     @classmethod
@@ -162,11 +170,8 @@ class GRPOModule(SFTModule):
             pad_id=tokenizer.pad_token_id or 0,
             seed=run.seed,
         )
-        module.pool, module.prompts, module.tokenizer = (
-            datamodule.pool,
-            datamodule.prompts,
-            tokenizer,
-        )
+        module.pool, module.prompts = datamodule.pool, datamodule.prompts
+        module.references, module.tokenizer = datamodule.references, tokenizer
         if o.beta > 0:
             module.configure_model()
             if o.reference_from is not None:
@@ -241,6 +246,7 @@ class GRPOModule(SFTModule):
         o, model = self.options, self.model
         G, device = o.num_generations, self.device
         items = [self.pool[i] for i in indices for _ in range(G)]
+        references = [self.references[i] for i in indices for _ in range(G)]
         prompts = [self.prompts[i] for i in indices for _ in range(G)]
         rank, R = self.global_rank, len(prompts)
         first = (self.trainer.world_size * step + rank) * R  # one seed per completion ever drawn
@@ -260,7 +266,7 @@ class GRPOModule(SFTModule):
         model.train()
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         truncated = [c[-1] != self.eos_id for c in completions]
-        correct, rewards, failed = self._rewards(items, texts, completions)
+        correct, rewards, failed = self._rewards(items, references, texts, completions)
         rewards_R = torch.tensor(rewards, device=device)
         advantages, std = group_advantages(rewards_R, G, o.scale_rewards)
         advantages = advantages.masked_fill(failed, 0.0)
@@ -303,7 +309,11 @@ class GRPOModule(SFTModule):
         )
 
     def _rewards(
-        self, items: list[Item], texts: list[str], completions: list[list[int]]
+        self,
+        items: list[Item],
+        references: list[tuple[str, ...]],
+        texts: list[str],
+        completions: list[list[int]],
     ) -> tuple[list[bool], list[float], torch.Tensor]:
         """(correct per row, reward per row, failed-group flag per row [R]). A group whose reward
         function failed on any completion is left out; past `max_failed_groups` the run stops."""
@@ -322,6 +332,8 @@ class GRPOModule(SFTModule):
                     )
                     if o.format_reward:
                         r += o.format_reward * well_formed(text)
+                    if o.step_reward:
+                        r += o.step_reward * working(text, references[j])
                     if o.overlong_penalty:
                         r += o.overlong_penalty * overlong(
                             len(completions[j]), o.max_new_tokens, o.overlong_buffer

@@ -52,6 +52,7 @@ class GRPOConfig:
     num_iterations: int = 1
     mask_truncated: bool = False
     format_reward: float = 0.0
+    step_reward: float = 0.0
     overlong_penalty: float = 0.0
     overlong_buffer: int = 32
     reward_fn: str | None = None
@@ -110,19 +111,26 @@ class GRPOConfig:
         return self.prompts_per_step * self.num_generations
 
 
-def prompt_pool(options: GRPOConfig, base: synthetic.CorpusConfig | None) -> list[Item]:
-    """The training prompts: the (adjusted) corpus' train split, then the files' records."""
+def prompt_pool(
+    options: GRPOConfig, base: synthetic.CorpusConfig | None
+) -> tuple[list[Item], list[tuple[str, ...]]]:
+    """The training prompts: the (adjusted) corpus' train split, then the files' records; and each
+    one's reference steps (a corpus problem's working; none for a file's record)."""
     items: list[Item] = []
+    references: list[tuple[str, ...]] = []
     if base is not None:
-        config = dataclasses.replace(base, **options.corpus_config)
-        items += [_problem_item(p) for p in synthetic.generate(config, "train")]
+        problems = synthetic.generate(dataclasses.replace(base, **options.corpus_config), "train")
+        items += [_problem_item(p) for p in problems]
+        references += [tuple(p.steps) for p in problems]
     for path in options.files:
-        items += file_items(path)
+        records = file_items(path)
+        items += records
+        references += [()] * len(records)
     if not items:
         raise ValueError(
             "stage=grpo has no prompts: the corpus' train split and grpo.files are empty"
         )
-    return items
+    return items, references
 
 
 class StepPrompts(IterableDataset):
@@ -170,7 +178,9 @@ class GRPODataModule(SFTDataModule):
         options: GRPOConfig = run.stage_options
         base = _stage_base(run, options)
         datamodule.options = options
-        datamodule.pool = prompt_pool(options, base.config if base is not None else None)
+        datamodule.pool, datamodule.references = prompt_pool(
+            options, base.config if base is not None else None
+        )
         tokenizer = datamodule.prepared.tokenizer
         datamodule.prompts = [
             prompt_ids(tokenizer, item.question, chat=True)[0].tolist() for item in datamodule.pool

@@ -2,12 +2,16 @@
 
     reward = correctness + format_reward * [one think block, one answer line]
                          + overlong_penalty * overlong(length)
+                         + step_reward * working(completion, the reference solution's steps)
 
 correctness is the answer checker of the problem (1 / 0: `Item.check`, the same check exact match
 uses) or, with `grpo.reward_fn=<module>:<function>`, the user's function
 `fn(question: str, completion: str, answer: str) -> float`. The overlong term is DAPO's soft
 penalty (arXiv 2503.14476, §3.4): 0 up to max_new_tokens - buffer, then falling linearly to -1 at
-max_new_tokens.
+max_new_tokens. `working` is a dense, still verifiable, process reward for the embedded corpus,
+whose every problem has one reference working: the share of its step lines the completion's think
+block writes, in order (a model that is never right at the end still gets a gradient towards the
+steps that lead there).
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ def well_formed(completion: str) -> bool:
     return (
         len(synthetic.ANSWER_LINE.findall(tail)) == 1 and synthetic.parse_answer(tail) is not None
     )
+
+
+def working(completion: str, reference: tuple[str, ...]) -> float:
+    """Share of the reference step lines found, in order, among the think block's lines."""
+    if not reference:
+        return 0.0
+    head = completion.partition(THINK_CLOSE)[0].replace(THINK_OPEN, "")
+    lines = [line.strip() for line in head.splitlines() if line.strip()]
+    found, at = 0, 0
+    for step in reference:
+        for j in range(at, len(lines)):
+            if lines[j] == step.strip():
+                found, at = found + 1, j + 1
+                break
+    return found / len(reference)
 
 
 def overlong(length: int, max_new_tokens: int, buffer: int) -> float:
