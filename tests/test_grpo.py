@@ -119,7 +119,9 @@ def test_rewards_format_and_overlong():
     assert working("<think>\n12 + 30 = 42\n42 - 2 = 40\n</think>\nAnswer: 40", reference) == 1.0
     assert working("<think>\n42 - 2 = 40\n12 + 30 = 42\n</think>\nAnswer: 40", reference) == 0.5
     assert working("<think>\n12 + 30 = 43\n</think>\nAnswer: 41", reference) == 0.0
-    assert working("42 - 2 = 40\nAnswer: 40", reference) == 0.5  # no tags: the whole text is the head
+    assert (
+        working("42 - 2 = 40\nAnswer: 40", reference) == 0.5
+    )  # no tags: the whole text is the head
 
 
 def test_step_prompts_depend_on_the_step_alone():
@@ -149,9 +151,10 @@ def test_grpo_raises_a_toy_reward(make_cfg, pretrained, tmp_path):
         make_cfg,
         run,
         "grpo.reward_fn=test_grpo:sevens",
+        "grpo.num_generations=8",
         "trainer.max_steps=24",
         "trainer.val_check_interval=24",
-        "optim.lr=1e-3",
+        "optim.lr=3e-3",
         "eval.during_training.num_problems=0",
     )
     train(cfg)
@@ -163,7 +166,9 @@ def test_grpo_raises_a_toy_reward(make_cfg, pretrained, tmp_path):
         ]
     assert len(rewards) == 24
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
-    assert last > first + 0.1, rewards
+    assert last > first + 0.3, (
+        rewards
+    )  # seen: 0.12 -> 0.72 (a seeded run; the margin absorbs thread-count noise)
 
 
 def test_grpo_resume_with_reused_rollouts_equals_uninterrupted(make_cfg, pretrained, tmp_path):
