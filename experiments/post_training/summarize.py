@@ -20,7 +20,10 @@ import yaml
 
 def stage_of(run: Path) -> str:
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    return (config.get("stage") or {}).get("name", "pretrain")
+    name = (config.get("stage") or {}).get("name", "pretrain")
+    if name == "grpo" and (config.get("grpo") or {}).get("step_reward"):
+        name += "+step"  # the dense working reward on top of the checker
+    return name
 
 
 def row(run: Path) -> dict:
@@ -118,17 +121,18 @@ def main() -> None:
     right.legend()
     fig.tight_layout()
     fig.savefig(args.out / "stages.png", dpi=120)
-    for run, r in zip(args.runs, rows, strict=True):
-        if r["stage"] != "grpo":
-            continue
-        c = grpo_curves(run)
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(c["step"], c["reward_mean"], label="reward mean")
-        ax.plot(c["step"], c["accuracy"], label="accuracy (checker)")
-        ax.plot(c["step"], c["frac_reward_zero_std"], label="frac_reward_zero_std")
-        ax.set_xlabel("GRPO step")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend()
+    grpo = [
+        (run, r) for run, r in zip(args.runs, rows, strict=True) if r["stage"].startswith("grpo")
+    ]
+    if grpo:
+        fig, axes = plt.subplots(1, len(grpo), figsize=(5.5 * len(grpo), 3.6), squeeze=False)
+        for ax, (run, r) in zip(axes[0], grpo, strict=True):
+            c = grpo_curves(run)
+            ax.plot(c["step"], c["reward_mean"], label="reward mean")
+            ax.plot(c["step"], c["accuracy"], label="accuracy (checker)")
+            ax.plot(c["step"], c["frac_reward_zero_std"], label="frac_reward_zero_std")
+            ax.set(xlabel="GRPO step", title=r["stage"], ylim=(-0.02, 1.02))
+            ax.legend()
         fig.tight_layout()
         fig.savefig(args.out / "grpo.png", dpi=120)
 
