@@ -41,6 +41,13 @@ def test_group_advantages_by_hand():
     assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
 
 
+def test_a_group_of_equal_fractional_rewards_has_exactly_no_signal():
+    rewards = torch.tensor([0.3] * 8 + [0.3] * 7 + [0.4])
+    adv, std = group_advantages(rewards, 8, "group")
+    assert adv[:8].tolist() == [0.0] * 8 and std[:8].tolist() == [0.0] * 8
+    assert (adv[8:] != 0).all()
+
+
 def _fixed_group():
     torch.manual_seed(0)
     logps = -torch.rand(3, 5) * 2
@@ -100,11 +107,12 @@ def test_loss_on_the_rows_with_signal_equals_the_loss_on_every_row(loss_type):
     torch.testing.assert_close(part_logps.grad, full_logps.grad[rows])
 
 
-def test_token_logps_and_entropy_match_log_softmax():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_and_entropy_are_those_of_the_sampling_distribution(temperature):
     logits = torch.randn(2, 3, 11)
     targets = torch.randint(0, 11, (2, 3))
-    logp, entropy = token_logps(logits, targets)
-    ref = torch.distributions.Categorical(logits=logits)
+    logp, entropy = token_logps(logits, targets, temperature)
+    ref = torch.distributions.Categorical(logits=logits / temperature)
     torch.testing.assert_close(logp, ref.log_prob(targets))
     torch.testing.assert_close(entropy, ref.entropy())
 
@@ -219,6 +227,7 @@ def test_grpo_trains_moe_under_fp8_with_a_kl_reference(make_cfg, pretrained):
         ("grpo.reward_fn=nowhere:fn", "not an importable function"),
         ("grpo.corpus_config={digits:3}", "unknown key(s) ['digits']"),
         ("grpo.loss_type=ppo", "not one of ['dapo', 'grpo', 'dr_grpo']"),
+        ("trainer.accumulate_grad_batches=2", "runs on one device without gradient accumulation"),
     ],
 )
 def test_bad_grpo_input_is_refused_before_the_run(make_cfg, pretrained, override, message):

@@ -54,6 +54,11 @@ def group_advantages(
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
         advantages = advantages / (std + 1e-4)
+    # A group of equal rewards has no signal: exactly 0 (the mean of eight 0.3s is not 0.3 in
+    # floating point, which left advantages of 3e-4 and std 3e-8 that isclose(0) missed).
+    flat = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    advantages = advantages.masked_fill(flat, 0.0)
+    std = std.masked_fill(flat, 0.0)
     return advantages.flatten(), std.flatten()
 
 
@@ -74,7 +79,8 @@ def grpo_loss(
     mask = mask.to(logps.dtype)
     num_rows = logps.shape[0] if num_rows is None else num_rows
     num_tokens = mask.sum() if num_tokens is None else num_tokens
-    eps_low, eps_high = options.epsilon, options.epsilon_high or options.epsilon
+    eps_low = options.epsilon
+    eps_high = options.epsilon if options.epsilon_high is None else options.epsilon_high
     ratio = torch.exp(logps - old_logps)
     A = advantages[:, None]
     per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
@@ -100,11 +106,15 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target) [R, T], entropy [R, T]) in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def token_logps(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [R, T], entropy [R, T], no gradient) in fp32, of softmax(logits / T): the
+    distribution the rollouts were sampled from (as TRL)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():  # a logged statistic: keep no [R, T, V] tensor for backward
+        entropy = -(logp.exp() * logp).sum(-1)
     return picked, entropy
 
 
@@ -125,6 +135,14 @@ class Rollout:
 
     def state(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to(self, device: torch.device) -> Rollout:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 class GRPOModule(SFTModule):
@@ -160,6 +178,15 @@ class GRPOModule(SFTModule):
         if run.init_from is None and run.resume is None:
             raise ValueError(
                 "stage=grpo starts from a trained model: model.init_from=<run dir | .ckpt | HF folder>"
+            )
+        t = run.trainer
+        if t.devices not in (1, "1") or t.accumulate_grad_batches != 1:
+            raise ValueError(
+                "stage=grpo runs on one device without gradient accumulation (trainer.devices=1, "
+                f"accumulate_grad_batches=1; got {t.devices}, {t.accumulate_grad_batches}): "
+                "steps without signal skip their update, which "
+                "DDP cannot do, and a step's rollout is its prompts; raise grpo.prompts_per_step "
+                "for a larger batch"
             )
         tokenizer = datamodule.prepared.tokenizer
         module = super().from_run(
@@ -210,7 +237,7 @@ class GRPOModule(SFTModule):
         first = step - step % o.num_iterations
         if self.rollout is None or self.rollout.step != first:
             self.rollout = self._roll_out(batch.tolist(), first)
-        r = self.rollout
+        r = self.rollout = self.rollout.to(self.device)  # a resume restored it on CPU
         self.log_dict({f"grpo/{k}": v for k, v in r.stats.items()})
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         active = self.trainer.strategy.reduce(
@@ -221,7 +248,7 @@ class GRPOModule(SFTModule):
             self.log("tokens", float(self.trained_tokens))
             return None
         out = self.model(r.inputs)
-        logps, entropy = token_logps(out.logits, r.targets)
+        logps, entropy = token_logps(out.logits, r.targets, o.temperature)
         old = r.old_logps if r.old_logps is not None else logps.detach()
         world = self.trainer.world_size
         num_tokens = (
@@ -357,7 +384,7 @@ class GRPOModule(SFTModule):
         was_training = model.training
         model.eval()  # no MoE counting, no dropout
         try:
-            return token_logps(model(inputs).logits, targets)[0]
+            return token_logps(model(inputs).logits, targets, self.options.temperature)[0]
         finally:
             model.train(was_training)
 

@@ -82,7 +82,11 @@ class GRPOConfig:
             raise ValueError(
                 f"grpo.scale_rewards={self.scale_rewards!r} is not one of {list(SCALE_REWARDS)}"
             )
-        if self.beta < 0 or self.epsilon <= 0 or (self.epsilon_high or 1) <= 0:
+        if (
+            self.beta < 0
+            or self.epsilon <= 0
+            or (self.epsilon_high is not None and self.epsilon_high <= 0)
+        ):
             raise ValueError("grpo.beta must be >= 0, grpo.epsilon and epsilon_high > 0")
         if self.overlong_penalty and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(
@@ -169,7 +173,9 @@ class GRPODataModule(SFTDataModule):
     @staticmethod
     def corpus_of(run) -> Corpus:
         options: GRPOConfig = run.stage_options
-        sft = SFTConfig(files=options.files, corpus=options.corpus)
+        # Validation conversations: the corpus' (the files' records are prompts; only GSM8K-style
+        # `#### N` answers render as conversations, so files validate only without the corpus)
+        sft = SFTConfig(files=() if options.corpus else options.files, corpus=options.corpus)
         return ConversationsCorpus(sft, _stage_base(run, options))
 
     @classmethod
