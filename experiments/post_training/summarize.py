@@ -21,8 +21,11 @@ import yaml
 def stage_of(run: Path) -> str:
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     name = (config.get("stage") or {}).get("name", "pretrain")
-    if name == "grpo" and (config.get("grpo") or {}).get("step_reward"):
+    grpo = config.get("grpo") or {}
+    if name == "grpo" and grpo.get("step_reward"):
         name += "+step"  # the dense working reward on top of the checker
+    if name.startswith("grpo") and grpo.get("beta"):
+        name += "+kl"
     return name
 
 
