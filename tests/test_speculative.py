@@ -82,7 +82,8 @@ def test_speculative_equals_greedy_batched_cached_and_uncached(trained):
     # the head drafts, not always right: rows of one batch accept and reject in the same step
     assert 0.2 < stats.acceptance_rate < 0.95, stats
     assert stats.new_tokens == len(prompts) * NEW
-    assert 1 + stats.accepted / stats.row_forwards == pytest.approx(stats.tokens_per_forward)
+    # every main forward of a row yields its own token, plus the draft when it is accepted
+    assert stats.new_tokens == stats.row_forwards + stats.accepted
     assert stats.row_forwards < stats.new_tokens
     # the uncached reference (each row alone, everything recomputed) agrees, counts included
     few, short = prompts[:3], SamplingConfig(16)

@@ -62,7 +62,7 @@ def corpus_items(
     if limit is not None:  # generate() is round-robin over kinds: a prefix stays balanced
         config = _with_size(config, split, limit)
     problems = synthetic.generate(config, split)
-    return [_problem_item(p) for p in problems]
+    return [problem_item(p) for p in problems]
 
 
 def _with_size(config: synthetic.CorpusConfig, split: str, n: int) -> synthetic.CorpusConfig:
@@ -70,7 +70,8 @@ def _with_size(config: synthetic.CorpusConfig, split: str, n: int) -> synthetic.
     return dataclasses.replace(config, **{key: min(n, getattr(config, key))})
 
 
-def _problem_item(p: synthetic.Problem) -> Item:
+def problem_item(p: synthetic.Problem) -> Item:
+    """A corpus problem as an eval `Item`, checked by `synthetic.check` (GRPO's prompts too)."""
     return Item(p.question, p.answer, p.kind, p.lang, lambda c, p=p: synthetic.check(p, c))
 
 

@@ -16,7 +16,7 @@ import json
 
 from tinyreason.checkpoints import load_model
 from tinyreason.data import synthetic
-from tinyreason.evaluation import _problem_item, complete
+from tinyreason.evaluation import complete, problem_item
 from tinyreason.sampling import SamplingConfig
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     config = synthetic.CorpusConfig(**json.loads(args.corpus))
     config = synthetic.ood_config(config) if args.ood else config
     config = dataclasses.replace(config, num_train=args.problems)
-    items = [_problem_item(p) for p in synthetic.generate(config, "train")]
+    items = [problem_item(p) for p in synthetic.generate(config, "train")]
     G = args.group
     sampling = SamplingConfig(args.max_new_tokens, args.temperature)
     texts, _ = complete(

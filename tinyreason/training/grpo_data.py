@@ -25,7 +25,7 @@ from tinyreason.data import synthetic
 from tinyreason.data.conversations import ConversationsCorpus, SFTConfig
 from tinyreason.data.datamodule import SFTDataModule, _stage_base
 from tinyreason.data.sources import Corpus
-from tinyreason.evaluation import Item, _problem_item, file_items
+from tinyreason.evaluation import Item, file_items, problem_item
 from tinyreason.sampling import prompt_ids
 from tinyreason.training.rewards import load_reward_fn
 
@@ -124,7 +124,7 @@ def prompt_pool(
     references: list[tuple[str, ...]] = []
     if base is not None:
         problems = synthetic.generate(dataclasses.replace(base, **options.corpus_config), "train")
-        items += [_problem_item(p) for p in problems]
+        items += [problem_item(p) for p in problems]
         references += [tuple(p.steps) for p in problems]
     for path in options.files:
         records = file_items(path)
