@@ -90,7 +90,7 @@ def build_trainer(run: RunConfig, module: L.LightningModule, callbacks: list) ->
         auto_insert_metric_name=False,
     )
     return L.Trainer(
-        **vars(run.trainer),
+        **run.trainer.lightning_kwargs(),
         precision=module.precision_config.lightning,
         default_root_dir=run.run_dir,
         logger=build_loggers(run),

@@ -41,6 +41,15 @@ from tinyreason.training.precision import PrecisionConfig
 from tinyreason.training.resume import check_resume
 
 LOGGERS = ("wandb", "csv", "none")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+LIGHTNING_TRAINER_KEYS = {  # TrainerConfig fields passed to lightning.Trainer as they are
+    "accelerator", "devices", "strategy", "max_steps", "val_check_interval", "limit_val_batches",
+    "gradient_clip_val", "accumulate_grad_batches", "log_every_n_steps", "enable_progress_bar",
+    "deterministic", "num_nodes",
+}  # fmt: skip
+AUTO_CHUNK_VOCAB = 32_768  # trainer.loss_chunk_size=auto chunks the head from this vocabulary on
+AUTO_CHUNK_TOKENS = 2_048  # .. in chunks of this many tokens
 # training-only knobs a Hugging Face start (`model.init_from`) takes from the model group
 _HF_TRAINING_KNOBS = {
     "moe": ("balance", "balance_alpha", "bias_update_speed", "bias_update_until"),
@@ -114,8 +123,38 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    num_nodes: int = 1
+    # Ours, not Lightning's (`lightning_kwargs` leaves them out); training-only, like the rest of
+    # `trainer.*`: a resume may change them (README "Scaling out").
+    expert_parallel: int = 1  # ranks the routed experts are split over (strategy=fsdp)
+    deepspeed_stage: int = 2  # strategy=deepspeed: ZeRO stage 2 or 3
+    loss_chunk_size: int | str = "auto"  # tokens per chunk of the output head + CE; 0 = off
+    activation_checkpointing: str = "none"  # none | full | selective (per block)
+    compile: bool = False  # torch.compile each block
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UserError(
+                f"trainer.strategy={self.strategy!r} is not one of {list(STRATEGIES)} "
+                "(fsdp: FSDP2 through Lightning's ModelParallelStrategy)"
+            )
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise UserError(
+                f"trainer.activation_checkpointing={self.activation_checkpointing!r} is not one "
+                f"of {list(ACTIVATION_CHECKPOINTING)}"
+            )
+        chunk = self.loss_chunk_size
+        if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+            raise UserError(
+                f"trainer.loss_chunk_size must be auto, 0 (off) or a positive number of tokens, "
+                f"got {chunk!r}"
+            )
+        for key in ("expert_parallel", "num_nodes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"trainer.{key} must be a whole number >= 1, got {value!r}")
+        if self.deepspeed_stage not in (2, 3):
+            raise UserError(f"trainer.deepspeed_stage must be 2 or 3, got {self.deepspeed_stage!r}")
         if self.max_steps <= 0 or self.accumulate_grad_batches <= 0 or self.val_check_interval <= 0:
             raise ValueError(
                 "trainer.max_steps, accumulate_grad_batches and val_check_interval must be "
@@ -146,7 +185,19 @@ class TrainerConfig:
 
     @property
     def world_size(self) -> int:
-        return self.devices if isinstance(self.devices, int) else 1
+        return (self.devices if isinstance(self.devices, int) else 1) * self.num_nodes
+
+    def lightning_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `lightning.Trainer` (the strategy is built by the caller)."""
+        ours = {f.name for f in dataclasses.fields(self)} - LIGHTNING_TRAINER_KEYS
+        return {k: v for k, v in vars(self).items() if k not in ours}
+
+    def chunk_size_for(self, vocab_size: int) -> int | None:
+        """Tokens per chunk of the chunked head + cross-entropy, or None (full logits):
+        `auto` chunks from AUTO_CHUNK_VOCAB tokens of vocabulary on."""
+        if self.loss_chunk_size == "auto":
+            return AUTO_CHUNK_TOKENS if vocab_size >= AUTO_CHUNK_VOCAB else None
+        return self.loss_chunk_size or None
 
 
 @dataclass(frozen=True)
