@@ -31,17 +31,24 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_DIR = "tokenizer"  # <run dir>/tokenizer/: saved by `train` at the start of a run
 PARTIAL = ".partial"  # <name>.ckpt.partial: a checkpoint being written (no reader takes it)
+DCP_METADATA, LIGHTNING_META = ".metadata", "meta.pt"  # the two index files of a DCP folder
 
 
 def checkpoint_file(ckpt: str | os.PathLike, key: str = "ckpt") -> Path:
     """A `.ckpt` file as given, or `<run dir>/checkpoints/last.ckpt` for a run folder (`key`:
     the option the error names)."""
     path = Path(ckpt)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not (path.is_file() or is_sharded(path)):
         raise ValueError(f"{key}={str(ckpt)!r}: no checkpoint at {path}")
     return path
+
+
+def is_sharded(path: Path) -> bool:
+    """A DCP checkpoint folder (trainer.strategy=fsdp): one shard file per rank, DCP's
+    `.metadata` and Lightning's `meta.pt` (everything but weights and optimizer state)."""
+    return path.is_dir() and ((path / DCP_METADATA).exists() or (path / LIGHTNING_META).exists())
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike) -> Path | None:
@@ -51,7 +58,7 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | os.PathLike) -> Path | 
         return None
     if ckpt_path == "last":
         path = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not (path.is_file() or is_sharded(path)):
             raise ValueError(
                 f"ckpt_path=last: no checkpoint at {path}; to resume a run, pass its folder: "
                 "hydra.run.dir=<run dir> ckpt_path=last"
@@ -69,7 +76,11 @@ def run_dir_of(ckpt_file: Path) -> Path:
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     """A Lightning checkpoint as a dict: every read of one (resume, `model.init_from`, export,
     evaluate, generate) comes here. `torch.load(weights_only=True)`: tensors and plain containers
-    only, no code runs; `mmap`: tensors stay on disk until used (a look at the run config)."""
+    only, no code runs; `mmap`: tensors stay on disk until used (a look at the run config).
+    A DCP folder (FSDP2) is consolidated: its weights as one full state_dict (no optimizer
+    state), with `mmap` only its `meta.pt` (run config, hyper-parameters, loop state)."""
+    if path.is_dir():
+        return _read_sharded(path, weights=not mmap)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -84,15 +95,43 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict:
     return state
 
 
+def _read_sharded(path: Path, weights: bool) -> dict:
+    """Lightning's `meta.pt` of a DCP folder, plus (weights) the full model state_dict gathered
+    from the shards by DCP itself (`dcp_to_torch_save`, no process group needed)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    missing = [n for n in (LIGHTNING_META, DCP_METADATA) if not (path / n).is_file()]
+    if missing:
+        raise UserError(damaged(path, FileNotFoundError(f"it has no {' and no '.join(missing)}")))
+    try:
+        state = torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
+        if weights:
+            with tempfile.TemporaryDirectory() as tmp:
+                dcp_to_torch_save(path, Path(tmp) / "full.pt")
+                full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+            state["state_dict"] = full["state_dict"]
+    except Exception as err:
+        raise UserError(damaged(path, err)) from err
+    return state
+
+
 def damaged(path: Path, err: BaseException) -> str:
     """The message for an unreadable checkpoint, naming the newest other `.ckpt` beside it."""
-    with open(path, "rb") as f:
-        head = f.read(2)
+    head = b"PK"
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(2)
     lines = str(err).strip().splitlines()
     reason = lines[0].split(". ")[0][:200] if lines else type(err).__name__  # its first sentence
     if head != b"PK":  # torch.save writes a zip archive
         reason = "an empty file" if not head else "not a torch zip archive"
-    others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()]
+    others = [
+        p
+        for p in path.parent.glob("*.ckpt")
+        if p.name != path.name and (p.is_file() or is_sharded(p))
+    ]
     previous = max(others, key=lambda p: p.stat().st_mtime_ns, default=None)
     where = f"the previous one is {previous}" if previous else f"no other .ckpt in {path.parent}"
     return f"checkpoint {path} is damaged or incomplete ({reason}); {where}"

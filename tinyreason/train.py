@@ -29,6 +29,7 @@ from tinyreason.training.exact_match import FinalEvaluation, exact_match_callbac
 from tinyreason.training.guard import AtomicCheckpointIO, DivergenceGuard, TrainingDiverged
 from tinyreason.training.hf_export import HFExport
 from tinyreason.training.loggers import build_loggers, finish_wandb
+from tinyreason.training.parallel import build_strategy
 from tinyreason.training.quiet import quiet_start
 from tinyreason.training.run_config import RunConfig, exports_without_mtp
 
@@ -90,7 +91,7 @@ def build_trainer(run: RunConfig, module: L.LightningModule, callbacks: list) ->
         auto_insert_metric_name=False,
     )
     return L.Trainer(
-        **run.trainer.lightning_kwargs(),
+        **run.trainer.lightning_kwargs() | {"strategy": build_strategy(run)},
         precision=module.precision_config.lightning,
         default_root_dir=run.run_dir,
         logger=build_loggers(run),

@@ -7,7 +7,8 @@ exported weights run), so the curve is comparable across steps and with `tinyrea
 `eval.speculative=true` drafts them with the MTP module (the same completions, and
 `val/draft_acceptance`).
 Every rank generates the same problems with the same weights: no collective runs inside, so
-DDP ranks cannot deadlock, and each logs the same value.
+DDP ranks cannot deadlock, and each logs the same value (under FSDP2 each rank first gathers the
+full weights into a plain copy: `LitCausalLM.unsharded_model`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ExactMatch(L.Callback):
         # (the most expensive evaluation of the run) to score the 0 it scores by construction.
         if trainer.sanity_checking or not self.items or trainer.global_step == 0:
             return
-        model = pl_module.model
+        model = pl_module.unsharded_model()  # FSDP2: the gathered weights, on every rank
         was_training = model.training
         with torch.no_grad(), torch.autocast(model.lm_head.weight.device.type, enabled=False):
             report, _ = evaluate_items(model, self.tokenizer, self.items, self.options)
@@ -74,7 +75,7 @@ class FinalEvaluation(L.Callback):
         self.metrics: dict[str, float] = {}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
+        model = pl_module.unsharded_model()
         with torch.no_grad(), torch.autocast(model.lm_head.weight.device.type, enabled=False):
             reports = run_evaluation(
                 model,

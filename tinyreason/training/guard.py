@@ -26,11 +26,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tinyreason.checkpoints import read_checkpoint, write_atomic
 from tinyreason.model.moe import MoE
+from tinyreason.training.parallel import grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,8 @@ class TrainingDiverged(RuntimeError):
 
 def non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
-    return [
-        k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()
-    ]
+    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
+    return [k for k, v in local.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 class DivergenceGuard(L.Callback):
@@ -77,9 +78,9 @@ class DivergenceGuard(L.Callback):
         self._losses.append(loss.detach().float())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         zero = torch.zeros((), device=pl_module.device)
-        norm = torch.nn.utils.get_total_norm(grads).to(zero.device) if grads else zero
+        norm = grad_norm(pl_module.parameters())  # plain, FSDP2 or expert-parallel gradients
+        norm = zero if norm is None else norm.to(zero.device)
         loss = torch.stack(self._losses).mean().to(zero.device) if self._losses else zero
         self._losses = []
         bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
@@ -104,9 +105,11 @@ class DivergenceGuard(L.Callback):
         )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        bad = non_finite(checkpoint["state_dict"])
-        if bad:
-            names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        bad = non_finite(checkpoint["state_dict"])  # this rank's shards under FSDP2 ..
+        count = torch.tensor(float(len(bad)), device=pl_module.device)
+        any_bad = trainer.strategy.reduce(count, reduce_op="sum")
+        if any_bad.item():  # .. all ranks stop together
+            names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") or "on another rank"
             raise TrainingDiverged(
                 f"step {trainer.global_step}: the weights hold non-finite values ({names}), so no "
                 f"checkpoint is written: the run stops; {self._kept(trainer)}"

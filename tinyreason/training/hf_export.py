@@ -15,7 +15,6 @@ class HFExport(L.Callback):
         self.tokenizer, self.out, self.drop_mtp = tokenizer, out, drop_mtp
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:  # one writer under DDP
-            export_model(
-                pl_module.model, self.tokenizer, self.out, overwrite=True, drop_mtp=self.drop_mtp
-            )
+        model = pl_module.unsharded_model()  # FSDP2: every rank gathers (a collective)
+        if trainer.is_global_zero:  # one writer under DDP / FSDP2
+            export_model(model, self.tokenizer, self.out, overwrite=True, drop_mtp=self.drop_mtp)

@@ -8,6 +8,7 @@ and tokens seen (the x-axis of every dashboard).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 
 import lightning as L
 import torch
@@ -16,11 +17,12 @@ from torchmetrics.text import Perplexity
 
 from tinyreason.checkpoints import load_init_weights
 from tinyreason.data.packing import split_flags
-from tinyreason.model import CausalLM, ModelConfig
+from tinyreason.model import CausalLM, ModelConfig, init_weights
 from tinyreason.model.transformer import IGNORE_INDEX
 from tinyreason.tokenizer import model_vocab_size, token_byte_lengths
 from tinyreason.training.metrics import BitsPerByte
 from tinyreason.training.optim import OptimConfig, build_optimizer
+from tinyreason.training.parallel import clip_grad_norm_, grad_norm, shard_model
 from tinyreason.training.precision import PrecisionConfig, apply_precision
 
 
@@ -48,6 +50,11 @@ class LitCausalLM(L.LightningModule):
         self.val_bpb = BitsPerByte()
         self.val_ppl = Perplexity(ignore_index=-100)
         self.run_config: dict | None = None  # the composed config, stored in every checkpoint
+        # trainer.* (TrainerConfig): strategy, expert_parallel, loss_chunk_size, activation
+        # checkpointing, compile; None outside a run (a bare module trains as on one device)
+        self.scaling = None
+        self._prepared = False  # configure_model has applied `scaling` (once, under the Trainer)
+        self._unsharded: tuple[int, CausalLM] | None = None  # (step, full-weight copy) under FSDP2
 
     @classmethod
     def from_run(cls, run, datamodule, **extra) -> LitCausalLM:
@@ -65,6 +72,7 @@ class LitCausalLM(L.LightningModule):
         )
         module.token_bytes.copy_(token_byte_lengths(data.tokenizer, model.vocab_size))
         module.run_config = run.composed
+        module.scaling = run.trainer
         if run.init_from is not None and run.resume is None:  # a resume has its own weights
             module.configure_model()
             load_init_weights(module.model, run.init_from)
@@ -73,11 +81,68 @@ class LitCausalLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["run_config"] = self.run_config
 
+    @property
+    def sharded(self) -> bool:
+        """trainer.strategy=fsdp: the model's weights are FSDP2 / expert-parallel DTensor shards."""
+        return self.scaling is not None and self.scaling.strategy == "fsdp"
+
     def configure_model(self) -> None:
-        if self.model is not None:
+        """Build the model (on the meta device under FSDP2), then, once a Trainer runs it, the
+        run's memory and parallelism options: chunked loss, activation checkpointing, compile,
+        FSDP2 / expert-parallel sharding and the meta-device weights' init (`training/parallel.py`).
+        `from_run` calls it without a Trainer, to load `model.init_from` weights into the whole
+        model first."""
+        if self.model is None:
+            with torch.device("meta") if self.sharded and self._trainer is not None else nullcontext():
+                self.model = CausalLM(self.model_config)
+            apply_precision(self.model, self.precision_config)  # FP8 options convert the GEMMs
+        if self._trainer is None or self._prepared or self.scaling is None:
             return
-        self.model = CausalLM(self.model_config)
-        apply_precision(self.model, self.precision_config)  # FP8 options convert the GEMMs
+        s, self._prepared = self.scaling, True
+        self.model.loss_chunk_size = s.chunk_size_for(self.model_config.vocab_size)
+        if s.activation_checkpointing != "none" or s.compile:
+            from tinyreason.training.memory import apply as apply_memory_options
+
+            apply_memory_options(self.model, s.activation_checkpointing, s.compile)
+        if self.sharded:
+            meta = any(p.is_meta for p in self.model.parameters())
+            bf16 = self.precision_config.name == "bf16"
+            shard_model(self.model, self.device_mesh["data_parallel"], bf16, s.expert_parallel)
+            if meta:  # every full tensor drawn as an eager build draws it, each rank its shard
+                self.model.to_empty(device=self.trainer.strategy.root_device)
+                init_weights(self.model)
+
+    def unsharded_model(self) -> CausalLM:
+        """The model with its full weights on this rank, for generation and export: the model
+        itself, or under FSDP2 a plain copy with the gathered weights (a collective: every rank
+        calls it at the same point; cached for the step)."""
+        if not self.sharded:
+            return self.model
+        step = self.global_step
+        if self._unsharded is None or self._unsharded[0] != step:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            with torch.device("meta"):
+                copy = CausalLM(self.model_config)
+            copy.load_state_dict(full, assign=True)
+            self._unsharded = (step, copy.eval())
+        return self._unsharded[1]
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Under FSDP2 / expert parallelism the norm spans every rank and every kind of shard
+        (`parallel.clip_grad_norm_`); otherwise Lightning's clipping."""
+        if self.sharded and gradient_clip_val:
+            clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(
+            optimizer, gradient_clip_val, gradient_clip_algorithm
+        )
 
     @property
     def tokens_seen(self) -> int:
@@ -134,9 +199,9 @@ class LitCausalLM(L.LightningModule):
         self.val_ppl.reset()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-        if norms:  # none: the divergence guard dropped this step's gradients (it warns)
-            self.log("grad_norm", torch.stack(norms).norm())
+        norm = grad_norm(self.parameters())  # every rank: a collective under FSDP2
+        if norm is not None:  # None: the divergence guard dropped this step's gradients (it warns)
+            self.log("grad_norm", norm)
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.model, self.optim_config)

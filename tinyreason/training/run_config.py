@@ -37,6 +37,7 @@ from tinyreason.model import ModelConfig
 from tinyreason.model.hf import is_hf_folder, read_hf_config
 from tinyreason.tokenizer import TokenizerConfig
 from tinyreason.training.optim import OptimConfig
+from tinyreason.training.parallel import check_strategy
 from tinyreason.training.precision import PrecisionConfig
 from tinyreason.training.resume import check_resume
 
@@ -315,7 +316,7 @@ class RunConfig:
             )
         optim = {**c["optim"], "betas": tuple(c["optim"]["betas"])}
         stage = dataclass_from_dict(StageConfig, c.get("stage") or {}, "stage")
-        return cls(
+        run = cls(
             stage=stage,
             stage_options=stage.typed_options(c.get(stage.name)),
             model=model,
@@ -339,6 +340,8 @@ class RunConfig:
             cache_dir=Path(c["cache_dir"]),
             composed=c,
         )
+        check_strategy(run)  # fsdp / deepspeed / expert parallelism with what they support
+        return run
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,0 +1,225 @@
+"""Beyond one device on existing engines: `trainer.strategy=fsdp` is FSDP2 (`fully_shard`, DTensor,
+DCP checkpoints) through Lightning's `ModelParallelStrategy`; `trainer.expert_parallel=N` splits
+the routed experts over N ranks (`tinyreason/model/expert_parallel.py`); `trainer.strategy=deepspeed`
+is Lightning's `DeepSpeedStrategy` (ZeRO-2 / 3, GPU only). DDP stays Lightning's own `ddp`.
+
+Under `fsdp` the LightningModule builds its model on the meta device in `configure_model`, applies
+activation checkpointing and compile per block (`training/memory.py`), shards it (`shard_model`:
+each decoder block, each MTP block, the embedding and the output head are FSDP units of their own;
+with expert parallelism the routed experts are DTensors sharded over the EP mesh and stay out of
+FSDP), then materialises it with `to_empty` and `init_weights`, which draws every full tensor as
+an eager build does and keeps each rank's shard: the sharded model starts from the weights the
+one-device run starts from (tested). Lightning's own meta materialisation (`to_empty` on the whole
+LightningModule + `reset_parameters`) would also wipe the BPB byte table and the metric states,
+so the module materialises its model itself before Lightning looks.
+
+Checkpoints are DCP folders (`last.ckpt/`: one shard file per rank, `.metadata`, and Lightning's
+`meta.pt` with everything but weights and optimizer state), written to `<name>.partial/` and
+swapped in only once complete (`FSDP2Strategy.save_checkpoint`); `checkpoints.read_checkpoint`
+consolidates one for `init_from`, export, evaluate and generate. Generation during training and the
+final export gather the full weights onto every rank (`LitCausalLM.unsharded_model`), so exact
+match runs with no collective inside, on every rank alike, as under DDP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from tinyreason.errors import UserError
+
+# What each strategy supports (README "Scaling out"; checked by `check_strategy`).
+FSDP_PRECISIONS = ("fp32", "bf16")  # FSDP2 + torchao float8 (all-gather in fp8) is not wired
+FSDP_STAGES = ("pretrain", "sft")  # DPO's reference model and GRPO's rollouts are not sharded
+
+
+def check_strategy(run) -> None:
+    """Refuse, before any work, a strategy asked for something it cannot do here."""
+    t, precision, model = run.trainer, run.precision.name, run.model
+    cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    if t.strategy == "deepspeed":
+        if not cuda:
+            raise UserError(
+                "trainer.strategy=deepspeed needs CUDA GPUs (DeepSpeed's ZeRO optimizers and "
+                "kernels do not run on a CPU accelerator); on CPU use trainer.strategy=fsdp "
+                "(FSDP2: the same sharding of weights, gradients and optimizer state) or ddp"
+            )
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise UserError(
+                "trainer.strategy=deepspeed needs the deepspeed package, an optional extra: "
+                "pip install -c constraints.txt -e .[deepspeed] (it builds on a CUDA machine; "
+                f"PyPI has no binary wheel): {err}"
+            ) from err
+        if t.expert_parallel > 1:
+            raise UserError(
+                "trainer.expert_parallel > 1 is built on FSDP2: use trainer.strategy=fsdp"
+            )
+    if t.strategy == "fsdp" and run.stage.name not in FSDP_STAGES:
+        raise UserError(
+            f"trainer.strategy=fsdp runs stage={' or '.join(FSDP_STAGES)}, not "
+            f"{run.stage.name}: DPO's frozen reference and GRPO's rollouts are not sharded; use "
+            "trainer.strategy=ddp for DPO, one device for GRPO"
+        )
+    if t.strategy == "fsdp" and precision not in FSDP_PRECISIONS:
+        raise UserError(
+            f"trainer.strategy=fsdp supports precision={' or '.join(FSDP_PRECISIONS)}, not "
+            f"{precision}: FP8 training with FSDP2 (torchao's float8 all-gather) is not wired "
+            "here; use trainer.strategy=ddp for FP8"
+        )
+    if t.expert_parallel > 1:
+        from tinyreason.model.expert_parallel import check_expert_parallel
+
+        if t.strategy != "fsdp":
+            raise UserError(
+                f"trainer.expert_parallel={t.expert_parallel} needs trainer.strategy=fsdp (now "
+                f"{t.strategy}): the experts become DTensor shards beside FSDP2's"
+            )
+        if model.moe is None:
+            raise UserError(
+                f"trainer.expert_parallel={t.expert_parallel} needs a model with routed experts "
+                "(model=moe); this model is dense"
+            )
+        check_expert_parallel(model.moe.num_experts, t.world_size, t.expert_parallel)
+
+
+def build_strategy(run) -> Any:
+    """The Lightning strategy for `trainer.strategy`: ours by name, else Lightning's string."""
+    t = run.trainer
+    if t.strategy == "fsdp":
+        return FSDP2Strategy(data_parallel_size=t.world_size)
+    if t.strategy == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=t.deepspeed_stage)
+    return t.strategy
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy as pure FSDP2: a 1-D data-parallel mesh (no tensor
+    parallelism: Lightning's default would make every device a tensor-parallel rank) and DCP
+    checkpoint folders that appear whole or not at all."""
+
+    def __init__(self, data_parallel_size: int) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=True,
+        )
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Every rank writes its shard into `<path>.partial/`; once all are done rank 0 checks
+        the folder (metadata and `meta.pt` readable) and swaps it in for `<path>`. A kill mid-write
+        leaves the previous checkpoint whole."""
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".partial")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial)
+        self.barrier("checkpoint-partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("checkpoint-written")
+        if self.global_rank == 0:
+            torch.load(partial / "meta.pt", map_location="cpu", weights_only=True)
+            if not (partial / ".metadata").is_file():
+                raise OSError(f"DCP wrote no .metadata in {partial}")
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(partial, path)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.barrier("checkpoint-swapped")
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.global_rank == 0:
+            path = Path(filepath)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def shard_model(model: nn.Module, mesh, bf16: bool, expert_parallel: int = 1) -> None:
+    """FSDP2 over the data-parallel `mesh`, in place: each decoder block, each MTP block, the
+    embedding and the output head are their own units (the head is shared by the main model and
+    the MTP blocks: one unit with either fails in backward), the final norm goes with the root.
+    bf16: parameters all-gathered in bf16, gradients reduced in fp32 (MixedPrecisionPolicy).
+    expert_parallel > 1: the routed experts first become Shard(0) DTensors over the same ranks
+    and stay out of FSDP (their gradients are complete on their owner: every token routed to an
+    expert is sent to it)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from tinyreason.model.moe import Experts
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    ignored: set[nn.Parameter] = set()
+    if expert_parallel > 1:
+        from tinyreason.model.expert_parallel import shard_experts
+
+        for m in model.modules():
+            if isinstance(m, Experts):
+                shard_experts(m, mesh)
+                ignored |= set(m.parameters())
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": policy}
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    units = [*model.layers, *model.mtp]
+    if not tied:
+        units += [model.embed_tokens, model.lm_head]
+    for unit in units:
+        mine = {p for p in unit.parameters() if p in ignored}
+        fully_shard(unit, **kwargs, **({"ignored_params": mine} if mine else {}))
+    fully_shard(model, **kwargs, **({"ignored_params": ignored} if ignored else {}))
+
+
+def grad_norm(parameters) -> torch.Tensor | None:
+    """The 2-norm of all gradients as one plain tensor, whatever they are: plain tensors (DDP,
+    one device), FSDP2 shards or expert-parallel shards (DTensors on their meshes: each group's
+    norm is reduced over its mesh, then the groups combine as sqrt(sum of squares)). None when no
+    parameter has a gradient. Every rank must call it (DTensor norms are collectives)."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is None:
+            continue
+        g = p.grad
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    if not groups:
+        return None
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    return torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor | None:
+    """Scale every gradient by min(1, max_norm / total norm), the total over all ranks and all
+    kinds of gradients (`grad_norm`); returns the total norm before clipping."""
+    parameters = [p for p in parameters if p.grad is not None]
+    total = grad_norm(parameters)
+    if total is None:
+        return None
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in parameters:
+        g = p.grad
+        local = g.to_local() if isinstance(g, DTensor) else g
+        local.mul_(scale.to(local.device, local.dtype))
+    return total
