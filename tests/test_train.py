@@ -165,29 +165,8 @@ def test_shards_of_another_tokenizer_are_refused(make_cfg):
         read_manifest(data.shard_root, m["corpus_fingerprint"], "bpe-999-other", m["vocab_size"])
 
 
-def test_two_process_ddp_run_from_the_command_line(cache_dir, tmp_path):
-    """`trainer.devices=2 trainer.strategy=ddp`: Lightning relaunches the command as a second
-    process (gloo); both train on their share of each step, rank 0 writes the run."""
-    run = tmp_path / "ddp"
-    proc = run_train_cli(
-        "debug=fast",
-        "logger=csv",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        f"hydra.run.dir={run}",
-        f"cache_dir={cache_dir}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "train_ddp_process_1.log").is_file(), "no second process"
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 10
-    rows = read_csv(run)
-    tokens = [float(r["tokens"]) for r in rows if r.get("tokens")]
-    assert tokens[-1] == 10 * 2 * 256 * 2  # steps x batch x window x ranks
-    bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
-    assert bpb[-1] < bpb[0]
-    assert (run / "hf" / "config.json").is_file()
-    assert (run / "tokenizer" / "tokenizer.json").is_file()
+# The two-process DDP run from the command line: tests/test_fsdp.py (beside FSDP2's, which must
+# equal it step for step).
 
 
 def test_multirun_gives_each_job_its_own_grouped_wandb_run(cache_dir, tmp_path):

@@ -43,7 +43,9 @@ FSDP_STAGES = ("pretrain", "sft")  # DPO's reference model and GRPO's rollouts a
 def check_strategy(run) -> None:
     """Refuse, before any work, a strategy asked for something it cannot do here."""
     t, precision, model = run.trainer, run.precision.name, run.model
-    cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    cuda = t.accelerator in ("gpu", "cuda") or (
+        t.accelerator == "auto" and torch.cuda.is_available()
+    )
     if t.strategy == "deepspeed":
         if not cuda:
             raise UserError(
