@@ -26,9 +26,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.distributed.tensor import DTensor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.tensor import DTensor
 
 from tinyreason.checkpoints import read_checkpoint, write_atomic
 from tinyreason.model.moe import MoE

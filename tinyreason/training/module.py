@@ -93,7 +93,11 @@ class LitCausalLM(L.LightningModule):
         `from_run` calls it without a Trainer, to load `model.init_from` weights into the whole
         model first."""
         if self.model is None:
-            with torch.device("meta") if self.sharded and self._trainer is not None else nullcontext():
+            with (
+                torch.device("meta")
+                if self.sharded and self._trainer is not None
+                else nullcontext()
+            ):
                 self.model = CausalLM(self.model_config)
             apply_precision(self.model, self.precision_config)  # FP8 options convert the GEMMs
         if self._trainer is None or self._prepared or self.scaling is None:
@@ -140,9 +144,7 @@ class LitCausalLM(L.LightningModule):
         if self.sharded and gradient_clip_val:
             clip_grad_norm_(self.parameters(), gradient_clip_val)
             return
-        super().configure_gradient_clipping(
-            optimizer, gradient_clip_val, gradient_clip_algorithm
-        )
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @property
     def tokens_seen(self) -> int:
