@@ -4,7 +4,11 @@ the same losses, gradients and weights as one process (fp32), clips by the globa
 DCP checkpoint folders that resume exactly, and exports to Hugging Face consolidated.
 
 Tolerances: fp32 with the same reductions in another order (FSDP2's reduce-scatter, DDP's
-all-reduce, one process's sum of two halves): 1e-6 relative on losses, 2e-6 absolute on weights.
+all-reduce, one process's sum of two halves): 1e-6 relative on losses, 2e-6 absolute on weights;
+with expert parallelism in the run (the gate weight applied after the down projection) 1e-5 on
+losses and 1e-4 on weights after 10 AdamW steps at lr 3e-3: Adam divides each gradient by its
+own scale, so rounding in the smallest gradients moves a weight by up to ~1% of a step
+(measured 2.6e-5).
 """
 
 from __future__ import annotations
@@ -152,8 +156,10 @@ def _cli(run: Path, cache_dir: Path, *args: str) -> None:
 @pytest.mark.slow
 def test_fsdp_cli_equals_ddp_resumes_exactly_and_exports(cache_dir, tmp_path) -> None:
     """DDP for 10 steps (Lightning relaunches the command as a second process; rank 0 writes the
-    run); FSDP2 for 5, then resumed from its DCP folder to 10: the same losses at every step, the
-    same final weights, and an HF export of them."""
+    run); FSDP2 with the experts split over the 2 ranks (expert_parallel=2) for 5, then resumed
+    from its DCP folder to 10 without expert parallelism (DCP reshards the experts): the same
+    losses at every step, the same final weights, and an HF export of them. Expert parallelism
+    applies the gate weight after the down projection: rel 1e-5 on its losses."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _cli(ddp, cache_dir, "trainer.strategy=ddp")
     assert (ddp / "train_ddp_process_1.log").is_file(), "no second process"
@@ -161,7 +167,7 @@ def test_fsdp_cli_equals_ddp_resumes_exactly_and_exports(cache_dir, tmp_path) ->
     assert tokens[max(tokens)] == 10 * 2 * 256 * 2  # steps x batch x window x ranks
     assert (ddp / "hf" / "config.json").is_file()
     assert (ddp / "tokenizer" / "tokenizer.json").is_file()
-    half = ("trainer.max_steps=5", "trainer.val_check_interval=5")
+    half = ("trainer.max_steps=5", "trainer.val_check_interval=5", "trainer.expert_parallel=2")
     _cli(fsdp, cache_dir, "trainer.strategy=fsdp", "export.hf=false", *half)
     last = fsdp / "checkpoints" / "last.ckpt"
     assert last.is_dir() and {"meta.pt", ".metadata"} <= {p.name for p in last.iterdir()}
@@ -173,8 +179,8 @@ def test_fsdp_cli_equals_ddp_resumes_exactly_and_exports(cache_dir, tmp_path) ->
     ddp_loss, fsdp_loss = _rows(ddp, "train/loss"), first_half | _rows(fsdp, "train/loss")
     assert sorted(fsdp_loss) == sorted(ddp_loss) and len(ddp_loss) == 10
     for step, loss in ddp_loss.items():
-        assert fsdp_loss[step] == pytest.approx(loss, rel=1e-6), step
-    assert _rows(fsdp, "val/bpb")[9] == pytest.approx(_rows(ddp, "val/bpb")[9], rel=1e-6)
+        assert fsdp_loss[step] == pytest.approx(loss, rel=1e-5), step
+    assert _rows(fsdp, "val/bpb")[9] == pytest.approx(_rows(ddp, "val/bpb")[9], rel=1e-5)
 
     want = read_checkpoint(ddp / "checkpoints" / "last.ckpt")
     got = read_checkpoint(last)  # consolidated from the DCP shards
@@ -182,7 +188,7 @@ def test_fsdp_cli_equals_ddp_resumes_exactly_and_exports(cache_dir, tmp_path) ->
     weights = {k: v for k, v in want["state_dict"].items() if k.startswith("model.")}
     assert weights.keys() <= got["state_dict"].keys()
     for name, tensor in weights.items():
-        torch.testing.assert_close(got["state_dict"][name], tensor, atol=2e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got["state_dict"][name], tensor, atol=1e-4, rtol=0, msg=name)
 
     from safetensors.torch import load_file
 

@@ -302,6 +302,9 @@ def test_sft_trains_moe_under_fp8(make_cfg, pretrained):
         "export.hf=false",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
+        # no warmup: 4 steps of the stage's 20-step warmup barely move the weights, and the MoE
+        # bias update (which ignores lr) then decides the sign of the change in val/bpb
+        "optim.warmup_steps=0",
     )
     metrics = train(cfg)
     assert metrics["val/bpb"] < metrics["val/bpb_first"] and metrics["moe/max_vio"] >= 0

@@ -1,13 +1,13 @@
-"""`python -m tinyreason.bench moe | generate [options]`."""
+"""`python -m tinyreason.bench moe | generate | ce [options]`."""
 
 from __future__ import annotations
 
 import sys
 
 from tinyreason import errors
-from tinyreason.bench import generate, moe
+from tinyreason.bench import ce, generate, moe
 
-COMMANDS = {"moe": moe.main, "generate": generate.main}
+COMMANDS = {"moe": moe.main, "generate": generate.main, "ce": ce.main}
 
 
 def main(argv: list[str] | None = None) -> None:

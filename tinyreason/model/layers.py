@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # oneDNN's fp32 GEMM on dense CPU tensors (what inductor's CPU backend calls); None if this torch
 # build has no oneDNN.
@@ -58,11 +59,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+@torch.no_grad()
+def init_normal_(param: torch.Tensor, std: float) -> None:
+    """param ~ N(0, std), in place. A DTensor (FSDP2 / expert-parallel shards) draws its full
+    tensor and keeps its own shard, so a sharded model's weights equal the same model built whole
+    after the same seed (meta-device init == eager init)."""
+    if isinstance(param, DTensor):
+        full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+        nn.init.normal_(full, mean=0.0, std=std)
+        mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(mine.to_local())
+    else:
+        nn.init.normal_(param, mean=0.0, std=std)
+
+
 class Linear(nn.Linear):
-    """nn.Linear without bias (HF name and layout: `weight` [out, in]) computed by `linear`."""
+    """nn.Linear without bias (HF name and layout: `weight` [out, in]) computed by `linear`.
+
+    It has no init of its own: `reset_parameters` draws N(0, `init_std`) once `init_weights`
+    (tinyreason/model/transformer.py) has set `init_std` from its table; before that (at
+    construction) it draws nothing, so building a model consumes no random numbers and a
+    meta-device build initialised later draws exactly what an eager build draws."""
+
+    init_std: float | None = None
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        if self.init_std is not None:
+            init_normal_(self.weight, self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
@@ -80,11 +106,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # autocast off: the normalisation must stay fp32 whatever autocast's op lists say
         with torch.autocast(x.device.type, enabled=False):
             normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose init is N(0, `init_std`), set by `init_weights` (as `Linear`)."""
+
+    init_std: float | None = None
+
+    def reset_parameters(self) -> None:
+        if self.init_std is not None:
+            init_normal_(self.weight, self.init_std)
 
 
 class MLP(nn.Module):

@@ -5,17 +5,19 @@ and the sequence-wise balance loss. DeepSeek-V3 report §2.1.2, eqs. 12-20 (arXi
 Shape legend: B batch, S sequence, T tokens (B*S flattened), D hidden size, E routed experts,
 K experts per token, G expert groups, X experts per group (E/G), F expert FFN width,
 M token-expert slots (T*K), N tokens of one expert, I and O a grouped GEMM's input and output
-widths.
+widths; under expert parallelism (model/expert_parallel.py) P ranks, L experts a rank (E/P),
+R rows a rank receives.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, MoEConfig
-from .layers import MLP
+from .layers import MLP, init_normal_
 
 
 class Router(nn.Module):
@@ -38,6 +40,14 @@ class Router(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(moe.num_experts, dtype=torch.float32)
         )
+
+    init_std: float | None = None  # set by init_weights
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.init_std is not None:
+            init_normal_(self.weight, self.init_std)
+        self.e_score_correction_bias.zero_()
 
     def _apply(self, fn, recurse: bool = True):
         """Keep the bias fp32 through `model.to(bf16)` / `.half()` (HF: `_keep_in_fp32_modules`):
@@ -101,11 +111,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by `scale`: an expert-parallel expert's
+    gradient sums every rank's tokens, where data parallelism averages the other gradients over
+    the ranks (`Experts.ep_grad_scale` = 1 / ranks makes it the same mean)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale if ctx.scale != 1.0 else grad, None
+
+
 def grouped_mm_supported(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
     """Whether `torch.nn.functional.grouped_mm` runs these operands: CUDA sm80+ in bf16; CPU in
     fp32/bf16 when every non-unit stride of the operands and the output is a multiple of 16 bytes
-    (torch 2.13 CPU raises "strides should be multiple of 16 bytes" otherwise)."""
-    if not hasattr(F, "grouped_mm") or x_MI.dtype != w_EIO.dtype:
+    (torch 2.13 CPU raises "strides should be multiple of 16 bytes" otherwise). Not for M = 0
+    rows (an expert-parallel rank may receive no token), which torch 2.13 CPU rejects."""
+    if not hasattr(F, "grouped_mm") or x_MI.dtype != w_EIO.dtype or x_MI.shape[0] == 0:
         return False
     if x_MI.device.type == "cuda":
         sm80 = torch.cuda.get_device_capability(x_MI.device) >= (8, 0)
@@ -155,6 +181,11 @@ class Experts(nn.Module):
     """
 
     grouped_mm = staticmethod(grouped_mm)  # the low-precision hook, see `grouped_mm`
+    # Expert parallelism, set by `expert_parallel.shard_experts`: the weights are then DTensors
+    # Shard(0) over `ep_group`; rank r holds experts [r*E/ep_size, (r+1)*E/ep_size).
+    ep_group: dist.ProcessGroup | None = None
+    ep_size, ep_rank = 1, 0
+    ep_grad_scale = 1.0  # the training strategy's choice: 1 / ranks when it averages gradients
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -163,6 +194,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
+    init_std: float | None = None  # set by init_weights: gate_up_proj's std ..
+    residual_std: float | None = None  # .. and down_proj's (it writes into the residual stream)
+
+    def reset_parameters(self) -> None:
+        if self.init_std is not None:
+            init_normal_(self.gate_up_proj, self.init_std)
+            init_normal_(self.down_proj, self.residual_std)
+
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """sum_k w[t, k] * Expert_{ids[t, k]}(x[t]) -> [T, D] in x's dtype.
 
@@ -170,6 +209,8 @@ class Experts(nn.Module):
         state before the down projection (linear, so the same sum, on fewer numbers than the
         [M, D] output), and the K slots of a token are summed in fp32.
         """
+        if self.ep_group is not None:
+            return self._forward_expert_parallel(x_TD, ids_TK, w_TK)
         T, K = ids_TK.shape
         ids_M = ids_TK.flatten()
         order_M = ids_M.argsort(stable=True)  # slot t*K + k, grouped by expert
@@ -187,6 +228,47 @@ class Experts(nn.Module):
         y_MD = self.grouped_mm(h_MF, self.down_proj.to(dtype).transpose(-2, -1), offsets_E)
         out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
         return out_TD.index_add_(0, tokens_M, y_MD.float()).to(x_TD.dtype)
+
+    def _forward_expert_parallel(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward` with the experts split over the EP group (P ranks, L = E/P local experts):
+        the slots, sorted by global expert, go to their expert's rank (all_to_all, uneven splits),
+        are regrouped by local expert for the same two grouped GEMMs on the local weights, and
+        come back. The gate weight then scales each returned [M, D] row in fp32 (EP=1 scales the
+        [M, F] hidden state: the same sum, another rounding). R: the rows this rank receives."""
+        from torch.distributed._functional_collectives import all_to_all_single  # autograd-aware
+
+        group, P, L = self.ep_group, self.ep_size, self.num_experts // self.ep_size
+        T, K = ids_TK.shape
+        ids_M = ids_TK.flatten()
+        order_M = ids_M.argsort(stable=True)  # by global expert, so also by destination rank
+        tokens_M = order_M // K
+        with torch.no_grad():  # recv_PL[p, l]: slots rank p sends to this rank's expert l
+            send_E = torch.bincount(ids_M, minlength=self.num_experts)
+            recv_PL = torch.empty_like(send_E)
+            dist.all_to_all_single(recv_PL, send_E, group=group)
+            recv_PL = recv_PL.view(P, L)
+            local_R = torch.arange(L, device=ids_M.device).repeat(P)
+            order_R = local_R.repeat_interleave(recv_PL.flatten()).argsort(stable=True)
+            offsets_L = recv_PL.sum(0).cumsum(0).to(torch.int32)
+        send_P, recv_P = send_E.view(P, L).sum(1).tolist(), recv_PL.sum(1).tolist()
+        dtype = _compute_dtype(x_TD)
+        x_MD = x_TD.to(dtype).index_select(0, tokens_M)
+        x_RD = all_to_all_single(x_MD, recv_P, send_P, group)  # by (source rank, local expert)
+        x_RD = x_RD.index_select(0, order_R)  # by local expert
+        gate_up_L2FD = _ScaleGrad.apply(self.gate_up_proj.to_local(), self.ep_grad_scale)
+        down_LDF = _ScaleGrad.apply(self.down_proj.to_local(), self.ep_grad_scale)
+        gate_up_R2F = self.grouped_mm(x_RD, gate_up_L2FD.to(dtype).transpose(-2, -1), offsets_L)
+        gate_RF, up_RF = gate_up_R2F.chunk(2, dim=-1)
+        y_RD = self.grouped_mm(
+            F.silu(gate_RF) * up_RF, down_LDF.to(dtype).transpose(-2, -1), offsets_L
+        )
+        y_RD = y_RD.index_select(0, order_R.argsort())  # back to (source rank, local expert)
+        y_MD = all_to_all_single(y_RD, send_P, recv_P, group)  # in the order of order_M
+        w_M = w_TK.flatten().index_select(0, order_M).float()
+        out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+        return out_TD.index_add_(0, tokens_M, y_MD.float() * w_M[:, None]).to(x_TD.dtype)
 
     def reference(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
@@ -240,6 +322,11 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
         balance = sequence_balance_loss(scores_TE.view(B, S, -1), self.top_k, self.loss_alpha)
         return out_TD.view(B, S, D), balance
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:  # its own tensors are the counters (meta-device init)
+        self.tokens_per_expert.zero_()
+        self.last_load.zero_()
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> None:

@@ -18,11 +18,10 @@ from torch import nn
 
 from .attention import KVCache, LayerCache, Rope, build_attention, rope_cos_sin
 from .config import ModelConfig
-from .layers import MLP, Linear, RMSNorm
+from .layers import MLP, Embedding, Linear, RMSNorm, init_normal_
+from .loss import IGNORE_INDEX, OutputHead
 from .moe import Experts, MoE, Router
 from .mtp import MTPModule
-
-IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
@@ -54,7 +53,10 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V], main head
+    """In training with `CausalLM.loss_chunk_size` (targets given, grad enabled) the losses come
+    from the chunked head: `logits` is then None and `mtp_logits` empty."""
+
+    logits: torch.Tensor | None  # [B, S, V], main head
     loss: torch.Tensor | None = None  # ce + mtp.loss_weight * mtp + balance; None without targets
     ce: torch.Tensor | None = None  # main next-token CE
     mtp: torch.Tensor | None = None  # mean over depths of each depth's CE (L_MTP / lambda)
@@ -77,19 +79,23 @@ def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.T
 
 
 class CausalLM(nn.Module):
+    # Set by the training module (`trainer.loss_chunk_size`): with targets and grad enabled, each
+    # head's CE is computed this many tokens at a time, without the [B, S, V] logits.
+    loss_chunk_size: int | None = None
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size is None: set it with config.with_vocab(n)")
         self.config = config
         d, eps, has_moe = config.hidden_size, config.rms_norm_eps, config.moe is not None
-        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_tokens = Embedding(config.vocab_size, d)
         self.layers = nn.ModuleList(
             Block(config, use_moe=has_moe and i >= config.num_dense_layers)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(d, eps)
-        self.lm_head = Linear(d, config.vocab_size)
+        self.lm_head = OutputHead(d, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # MTP blocks use MoE whenever the model has MoE (HF forces first_k_dense_replace=0 for them).
@@ -107,8 +113,9 @@ class CausalLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, S] -> logits; with targets [B, S] (targets[t] = token after input_ids[t],
-        IGNORE_INDEX to skip) also the losses and the MTP logits. With a KV cache (decoding), the
-        inputs continue the cached positions and are appended to the cache.
+        IGNORE_INDEX to skip) also the losses and the MTP logits (in training with
+        `loss_chunk_size`, the losses without any logits: see ModelOutput). With a KV cache
+        (decoding), the inputs continue the cached positions and are appended to the cache.
 
         Batched decoding of left-padded prompts passes `position_ids` [B, S] (each row's own
         positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding)."""
@@ -126,14 +133,17 @@ class CausalLM(nn.Module):
             if balance is not None:
                 balances.append(balance)
         h_BSD = self.norm(x_BSD)  # also h^0 of MTP
-        out = ModelOutput(logits=self.lm_head(h_BSD), hidden=h_BSD)
+        chunked = targets is not None and bool(self.loss_chunk_size) and torch.is_grad_enabled()
+        out = ModelOutput(logits=None if chunked else self.lm_head(h_BSD), hidden=h_BSD)
         zero = torch.zeros((), device=input_ids.device)
         if targets is not None:
-            out.ce = cross_entropy(out.logits, targets)
-            out.mtp_logits = self._mtp_logits(input_ids, h_BSD, rope, balances, attn_mask)
+            out.ce = self._ce(h_BSD, targets, out.logits)
+            mtp_BSD = self._mtp_states(input_ids, h_BSD, rope, balances, attn_mask)
+            if not chunked:
+                out.mtp_logits = tuple(self.lm_head(h) for h in mtp_BSD)
             mtp_ces = [
-                cross_entropy(logits, targets[:, k:])
-                for k, logits in enumerate(out.mtp_logits, start=1)
+                self._ce(h, targets[:, k:], None if chunked else out.mtp_logits[k - 1])
+                for k, h in enumerate(mtp_BSD, start=1)
             ]
             out.mtp = torch.stack(mtp_ces).mean() if mtp_ces else zero
         # Mean over every MoE layer that ran, MTP blocks included.
@@ -157,7 +167,16 @@ class CausalLM(nn.Module):
         cos, sin = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, input_ids.device)
         return cos[position_ids], sin[position_ids]
 
-    def _mtp_logits(
+    def _ce(
+        self, h_BSD: torch.Tensor, targets_BS: torch.Tensor, logits_BSV: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`cross_entropy` of the head's logits at h_BSD; None: computed by the chunked head."""
+        if logits_BSV is not None:
+            return cross_entropy(logits_BSV, targets_BS)
+        total, count = self.lm_head(h_BSD, targets_BS, self.loss_chunk_size)
+        return total / count.clamp(min=1)
+
+    def _mtp_states(
         self,
         input_ids: torch.Tensor,
         h_BSD: torch.Tensor,
@@ -165,10 +184,11 @@ class CausalLM(nn.Module):
         balances: list[torch.Tensor],
         attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Depth k covers positions i = 0..S-k-1 (nothing wraps around): position i sees h^{k-1}_i
-        and Emb(input_ids[i+k]) and predicts targets[i+k], i.e. input token i+k+1 (eqs. 21-24).
-        Appends each MTP block's balance loss to `balances`."""
-        logits: list[torch.Tensor] = []
+        """h^k [B, S-k, D] of each depth k, the shared head's input (the MTP logits are
+        lm_head(h^k)). Depth k covers positions i = 0..S-k-1 (nothing wraps around): position i
+        sees h^{k-1}_i and Emb(input_ids[i+k]) and predicts targets[i+k], i.e. input token
+        i+k+1 (eqs. 21-24). Appends each MTP block's balance loss to `balances`."""
+        states: list[torch.Tensor] = []
         for k, module in enumerate(self.mtp, start=1):
             n = input_ids.shape[1] - k
             if n <= 0:
@@ -179,8 +199,8 @@ class CausalLM(nn.Module):
             h_BSD, balance = module(emb_BnD, h_BSD[:, :n], rope_n, mask_n)
             if balance is not None:
                 balances.append(balance)
-            logits.append(self.lm_head(h_BSD))
-        return tuple(logits)
+            states.append(h_BSD)
+        return tuple(states)
 
     def mtp_hidden(
         self,
@@ -192,7 +212,7 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Depth 1 of MTP run as a drafter: h^1 [B, S, D] (the head's input) at positions i whose
         h^0 is h_BSD [B, S, D] and whose next token t_{i+1} is next_ids [B, S]; lm_head(h^1_i)
-        predicts t_{i+2}. As `_mtp_logits` trains it, position i attends over positions <= i.
+        predicts t_{i+2}. As `_mtp_states` trains it, position i attends over positions <= i.
         With `cache` (the MTP block's own LayerCache over the h' sequence) the positions continue
         the cached ones, as a KV cache does for the main model."""
         if not self.mtp:
@@ -280,24 +300,24 @@ def init_weights(model: nn.Module, config: ModelConfig | None = None) -> None:
     the stream is a sum of 2*num_layers terms; scaling their init by 1/sqrt(2*num_layers) keeps
     its variance at init independent of depth (GPT-2, Radford et al. 2019, §2.3).
     A tied lm_head shares the embedding tensor and is initialised once with the same law.
+
+    Each row is the module's `reset_parameters()`, with the std this table gives it (set here as
+    `init_std`): the modules draw nothing when they are built, so a model built on the meta
+    device, sharded (FSDP2, expert parallelism), materialised with `to_empty()` and initialised
+    here draws the same numbers, in the same order, as the model built whole (tested), and a
+    DTensor keeps its own shard of each full draw (`layers.init_normal_`).
     """
     config = config if config is not None else model.config
     std = config.init_std
     residual_std = std / math.sqrt(2 * config.num_layers)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            is_residual = name.rsplit(".", 1)[-1] in ("o_proj", "down_proj")
-            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        is_residual = name.rsplit(".", 1)[-1] in ("o_proj", "down_proj")
+        if isinstance(module, (Linear, Embedding, Router)):
+            module.init_std = residual_std if is_residual else std
         elif isinstance(module, Experts):
-            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            nn.init.normal_(module.down_proj, mean=0.0, std=residual_std)
-        elif isinstance(module, Router):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            nn.init.zeros_(module.e_score_correction_bias)
-        elif isinstance(module, MoE):
-            module.tokens_per_expert.zero_()
-            module.last_load.zero_()
+            module.init_std, module.residual_std = std, residual_std
+        elif isinstance(module, nn.Linear | nn.Embedding):  # not ours (e.g. FP8-converted)
+            init_normal_(module.weight, residual_std if is_residual else std)
+            continue
+        if isinstance(module, (Linear, Embedding, Router, Experts, RMSNorm, MoE)):
+            module.reset_parameters()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -163,8 +164,6 @@ def shard_model(model: nn.Module, mesh, bf16: bool, expert_parallel: int = 1) ->
     expert is sent to it)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from tinyreason.model.moe import Experts
-
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16
@@ -172,12 +171,12 @@ def shard_model(model: nn.Module, mesh, bf16: bool, expert_parallel: int = 1) ->
     )
     ignored: set[nn.Parameter] = set()
     if expert_parallel > 1:
-        from tinyreason.model.expert_parallel import shard_experts
+        from tinyreason.model.expert_parallel import expert_parameters, shard_model_experts
 
-        for m in model.modules():
-            if isinstance(m, Experts):
-                shard_experts(m, mesh)
-                ignored |= set(m.parameters())
+        for experts in shard_model_experts(model, mesh):
+            # an expert's gradient sums the EP group's tokens; FSDP2 averages the others
+            experts.ep_grad_scale = 1.0 / mesh.size()
+        ignored = set(expert_parameters(model))
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": policy}
     tied = model.lm_head.weight is model.embed_tokens.weight
     units = [*model.layers, *model.mtp]
@@ -189,39 +188,52 @@ def shard_model(model: nn.Module, mesh, bf16: bool, expert_parallel: int = 1) ->
     fully_shard(model, **kwargs, **({"ignored_params": ignored} if ignored else {}))
 
 
-def grad_norm(parameters) -> torch.Tensor | None:
-    """The 2-norm of all gradients as one plain tensor, whatever they are: plain tensors (DDP,
-    one device), FSDP2 shards or expert-parallel shards (DTensors on their meshes: each group's
-    norm is reduced over its mesh, then the groups combine as sqrt(sum of squares)). None when no
-    parameter has a gradient. Every rank must call it (DTensor norms are collectives)."""
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for p in parameters:
-        if p.grad is None:
-            continue
-        g = p.grad
-        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
-    if not groups:
-        return None
-    squares = []
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
-    return torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+def _by_mesh(tensors: Iterable[torch.Tensor]) -> dict[DeviceMesh | None, list[torch.Tensor]]:
+    """Plain tensors under None, DTensors under their mesh: the groups torch's norms accept."""
+    groups: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    return groups
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor | None:
-    """Scale every gradient by min(1, max_norm / total norm), the total over all ranks and all
-    kinds of gradients (`grad_norm`); returns the total norm before clipping."""
-    parameters = [p for p in parameters if p.grad is not None]
-    total = grad_norm(parameters)
-    if total is None:
+def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def grad_norm(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor | None:
+    """The norm of all the gradients as one vector, a plain tensor equal on every rank: a
+    DTensor's counts in full (its shards' norms combined over its mesh), a plain one as it is (it
+    must be equal on every rank already: call after the data-parallel reduction). For p = 2,
+    sqrt(sum_ep^2 + sum_rest^2). None when no parameter has a gradient. Every rank must call it
+    with the same parameters (collectives). torch's own raises on a mix of DTensor and plain
+    gradients, or DTensors on two meshes (torch 2.13)."""
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    norms = []
+    for group in _by_mesh(grads).values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type, error_if_nonfinite)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
         return None
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in parameters:
-        g = p.grad
-        local = g.to_local() if isinstance(g, DTensor) else g
-        local.mul_(scale.to(local.device, local.dtype))
+    return torch.nn.utils.get_total_norm(norms, norm_type)  # the p-norm of the group norms
+
+
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over a mix of plain and DTensor gradients (EP experts,
+    FSDP2 shards): scales every gradient by min(1, max_norm / total) with `grad_norm`'s total.
+    Returns the total norm before clipping."""
+    params = [p for p in _as_list(parameters) if p.grad is not None]
+    total = grad_norm(params, norm_type, error_if_nonfinite)
+    if total is None:  # no gradient: the divergence guard dropped this step's
+        return None
+    for group in _by_mesh(params).values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
