@@ -221,3 +221,51 @@ def test_a_dcp_folder_reads_consolidated_and_a_damaged_one_is_named(tmp_path) ->
         match=r"last.ckpt is damaged or incomplete \(it has no .metadata\); the previous one is .*best-2.ckpt",
     ):
         read_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["trainer.strategy=fsdp", "precision=fp8"],
+            "fsdp supports precision=fp32 or bf16, not fp8",
+        ),
+        (["trainer.strategy=deepspeed"], "deepspeed needs CUDA GPUs"),
+        (["trainer.expert_parallel=2", "trainer.devices=2"], "needs trainer.strategy=fsdp"),
+        (
+            ["trainer.strategy=fsdp", "trainer.expert_parallel=2"],
+            "does not divide the world size 1",
+        ),
+        (
+            ["trainer.strategy=fsdp", "trainer.expert_parallel=3", "trainer.devices=3"],
+            r"does not divide model.moe.num_experts=8; allowed on 3 rank\(s\) with 8 routed experts: \[1\]",
+        ),
+        (
+            ["trainer.strategy=fsdp", "trainer.expert_parallel=2", "model=dense"],
+            "needs a model with routed experts",
+        ),
+        (["trainer.strategy=fsdp2"], r"trainer.strategy='fsdp2' is not one of \['auto', 'ddp'"),
+        (
+            ["trainer.activation_checkpointing=some"],
+            "is not one of \\['none', 'full', 'selective'\\]",
+        ),
+        (["trainer.loss_chunk_size=-1"], "loss_chunk_size must be auto, 0 \\(off\\) or a positive"),
+    ],
+)
+def test_scaling_options_it_cannot_honour_fail_before_any_work(make_cfg, overrides, message):
+    from tinyreason.training.run_config import RunConfig
+
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_hydra(make_cfg(*overrides))
+
+
+def test_fsdp_refuses_the_stages_it_does_not_shard(make_cfg, pretrained):
+    from tinyreason.training.run_config import RunConfig
+
+    run, _ = pretrained
+    for stage in ("dpo", "grpo"):
+        cfg = make_cfg(
+            f"stage={stage}", "debug=fast", f"model.init_from={run}", "trainer.strategy=fsdp"
+        )
+        with pytest.raises(ValueError, match=f"fsdp runs stage=pretrain or sft, not {stage}"):
+            RunConfig.from_hydra(cfg)
