@@ -166,7 +166,7 @@ def test_random_models_of_every_attention_decode_the_greedy_tokens(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_incremental_mtp_and_holes_equal_the_training_forward(kind):
-    """The MTP block over its own cache, chunk by chunk, == `_mtp_logits` of the training forward
+    """The MTP block over its own cache, chunk by chunk, == `_mtp_states` of the training forward
     (position i over positions <= i); a slot masked out as a hole (another position's junk) is
     invisible to later queries of the main model and of the MTP block alike."""
     torch.manual_seed(0)

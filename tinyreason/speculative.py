@@ -16,7 +16,7 @@ its positions continue without a gap (the next token takes the position the draf
 is ever rolled back or copied; the cost is attention over the holes. The MTP block keeps its own
 cache (`LayerCache` over the h' sequence) whose slots mirror the main cache's: slot s pairs h^0 of
 main slot s with the token after it, so one key mask serves both, and its attention sees exactly
-what `CausalLM._mtp_logits` sees in training (position i over positions <= i). Per step the MTP
+what `CausalLM._mtp_states` sees in training (position i over positions <= i). Per step the MTP
 block runs on two slots per row (after an accepted draft both are new positions; after a rejected
 one the first is and the second is the hole), then the drafts of the next step come from the slot
 of each row's last kept token.
