@@ -66,6 +66,17 @@ def check_strategy(run) -> None:
             raise UserError(
                 "trainer.expert_parallel > 1 is built on FSDP2: use trainer.strategy=fsdp"
             )
+        whole = {  # what reads the weights whole, and how to turn it off
+            "export.hf=false": run.export_hf,
+            "eval.at_end=false": run.eval.at_end,
+            "eval.during_training.num_problems=0": run.eval.during_training_problems,
+        }
+        if t.deepspeed_stage == 3 and any(whole.values()):
+            raise UserError(
+                "trainer.deepspeed_stage=3 partitions the weights, and the end-of-run export and "
+                f"exact match read them whole: set {' '.join(k for k, on in whole.items() if on)}, "
+                "or use deepspeed_stage=2, or trainer.strategy=fsdp (which gathers them)"
+            )
     if t.strategy == "fsdp" and run.stage.name not in FSDP_STAGES:
         raise UserError(
             f"trainer.strategy=fsdp runs stage={' or '.join(FSDP_STAGES)}, not "
