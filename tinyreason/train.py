@@ -25,6 +25,7 @@ from tinyreason.checkpoints import TOKENIZER_DIR
 from tinyreason.compose import CONF_DIR
 from tinyreason.data.shards import bytes_per_token
 from tinyreason.training.callbacks import Checkpoints, MoEBiasUpdate, Throughput
+from tinyreason.training.cluster import cluster_plugins
 from tinyreason.training.exact_match import FinalEvaluation, exact_match_callbacks
 from tinyreason.training.guard import AtomicCheckpointIO, DivergenceGuard, TrainingDiverged
 from tinyreason.training.hf_export import HFExport
@@ -102,7 +103,7 @@ def build_trainer(run: RunConfig, module: L.LightningModule, callbacks: list) ->
             Throughput(),
             *callbacks,
         ],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins(run.trainer)],  # a submitit job's ranks
         num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
         # no_grad, not inference_mode: metric states reset during the step-0 `validate` must
@@ -129,6 +130,7 @@ def done_line(metrics: dict, steps: int, first: float | None, run: RunConfig) ->
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 @errors.reported
 def _hydra_main(cfg: DictConfig) -> float | None:
+    quiet_start()  # again: a joblib / submitit job runs in a process of its own
     try:
         metrics = train(cfg)
     except TrainingDiverged as err:  # the run stopped itself: its own status, no traceback
