@@ -24,10 +24,10 @@ For the caller (the FSDP2 strategy):
   weights equal an EP=1 build after the same seed). Sharding a materialised model works too:
   `distribute_tensor(..., src_data_rank=None)` keeps each rank's slice without communication,
   which needs the full tensors equal on every rank (same seed, or the same checkpoint).
-- Scale: the expert gradients are sums over the EP group's tokens. If the reduction of the other
-  gradients is a mean over N ranks (FSDP2's default), divide the expert gradients by N too.
-  With EP smaller than the world, ranks holding the same experts (one per EP group) must still
-  reduce those gradients among themselves.
+- Scale: the expert gradients are sums over the EP group's tokens, where FSDP2 averages the
+  others over the ranks: the strategy sets `Experts.ep_grad_scale = 1 / ranks`, which scales
+  the local weights' gradient in the EP forward (`training/parallel.shard_model`). EP smaller
+  than the world (ranks holding the same experts reducing among themselves) is not built.
 - Clipping: `tinyreason.training.parallel.clip_grad_norm_`; torch's raises on a mix of DTensor and plain gradients, or of
   DTensors on different meshes (torch 2.13: "got mixed torch.Tensor and DTensor" / "must have
   the same mesh"). Likewise torch.optim's foreach path raises on a mix of DTensor and plain
@@ -36,10 +36,9 @@ For the caller (the FSDP2 strategy):
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from tinyreason.errors import UserError
 
