@@ -21,7 +21,6 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from tinyreason.errors import UserError
 from tinyreason.model import CausalLM, debug_config, init_weights
 from tinyreason.model.expert_parallel import (
     check_expert_parallel,
@@ -121,7 +120,7 @@ def _moe_inputs(scenario: str, ref: MoE) -> list[torch.Tensor]:
 
 def _moe_checks(rank: int, mesh) -> None:
     bad = Experts(3, 8, 4)  # 3 experts over 2 ranks: refused before any communication
-    with pytest.raises(UserError, match="num_experts=3"):
+    with pytest.raises(ValueError, match="num_experts=3"):
         shard_experts(bad, mesh)
     assert bad.ep_group is None and not isinstance(bad.gate_up_proj, DTensor)
 
@@ -245,7 +244,7 @@ def test_expert_parallel_equals_ep1(tmp_path: Path) -> None:
     ],
 )
 def test_check_expert_parallel_rejects(num_experts, world_size, ep, match) -> None:
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         check_expert_parallel(num_experts, world_size, ep)
 
 

@@ -1,13 +1,13 @@
-"""`python -m tinyreason.bench moe | generate | ce [options]`."""
+"""`python -m tinyreason.bench moe | generate | ce | memory [options]`."""
 
 from __future__ import annotations
 
 import sys
 
 from tinyreason import errors
-from tinyreason.bench import ce, generate, moe
+from tinyreason.bench import ce, generate, memory, moe
 
-COMMANDS = {"moe": moe.main, "generate": generate.main, "ce": ce.main}
+COMMANDS = {"moe": moe.main, "generate": generate.main, "ce": ce.main, "memory": memory.main}
 
 
 def main(argv: list[str] | None = None) -> None:

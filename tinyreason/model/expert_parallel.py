@@ -40,33 +40,31 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from tinyreason.errors import UserError
-
 from .moe import Experts
 
 
 def check_expert_parallel(num_experts: int | None, world_size: int, ep: int) -> None:
     """`trainer.expert_parallel=ep` is valid for a model with `num_experts` routed experts (None:
-    no MoE) on `world_size` ranks: ep >= 1 dividing both. Raises UserError saying what is allowed."""
+    no MoE) on `world_size` ranks: ep >= 1 dividing both. Raises ValueError saying what is allowed (a user error at the entry points: tinyreason.errors)."""
     allowed = [
         d for d in range(1, world_size + 1) if world_size % d == 0 and (num_experts or 1) % d == 0
     ]
     hint = f"allowed on {world_size} rank(s) with {num_experts} routed experts: {allowed}"
     if ep < 1:
-        raise UserError(f"trainer.expert_parallel must be >= 1, got {ep}; {hint}")
+        raise ValueError(f"trainer.expert_parallel must be >= 1, got {ep}; {hint}")
     if ep == 1:
         return
     if num_experts is None:
-        raise UserError(
+        raise ValueError(
             f"trainer.expert_parallel={ep} needs an MoE model (model.moe is null); set it to 1"
         )
     if world_size % ep:
-        raise UserError(
+        raise ValueError(
             f"trainer.expert_parallel={ep} does not divide the world size {world_size} "
             f"(devices x num_nodes); {hint}"
         )
     if num_experts % ep:
-        raise UserError(
+        raise ValueError(
             f"trainer.expert_parallel={ep} does not divide model.moe.num_experts={num_experts}; "
             f"{hint}"
         )
