@@ -13,6 +13,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from tinyreason.model import CausalLM, debug_config
 from tinyreason.model.layers import Linear, RMSNorm
+from tinyreason.model.loss import OutputHead
 from tinyreason.model.moe import Experts, Router
 from tinyreason.training import fp8
 from tinyreason.training.fp8 import FP8GroupedMM
@@ -60,9 +61,9 @@ def test_router_norms_embedding_head_stay_high_precision(name, recipe, monkeypat
     model = CausalLM(debug_config())
     converted = set(apply_precision(model, PrecisionConfig(name, recipe)))
 
-    # Module tree: only lm_head (and shapes torchao cannot take) remain plain linears; the
+    # Module tree: only lm_head (an OutputHead) and shapes torchao cannot take remain plain; the
     # router, embedding and norms keep their classes and fp32 parameters.
-    plain = {n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear)}
+    plain = {n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear, OutputHead)}
     expected_plain = {"lm_head"} | (
         set() if recipe == "blockwise" else {n for n in plain if n.endswith("kv_a_proj_with_mqa")}
     )
