@@ -30,9 +30,9 @@ from tinyreason.training.exact_match import FinalEvaluation, exact_match_callbac
 from tinyreason.training.guard import AtomicCheckpointIO, DivergenceGuard, TrainingDiverged
 from tinyreason.training.hf_export import HFExport
 from tinyreason.training.loggers import build_loggers, finish_wandb
-from tinyreason.training.parallel import build_strategy
 from tinyreason.training.quiet import quiet_start
 from tinyreason.training.run_config import RunConfig, exports_without_mtp
+from tinyreason.training.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,23 @@
-"""FP8 on a Hopper GPU: real kernels for every recipe on a ~1B-parameter DeepSeek-V3-style model.
+"""Hopper GPU checks: FP8 with real kernels for every recipe on a ~1B-parameter DeepSeek-V3-style
+model (here), and scaling out and memory on one GPU (scaling.py: FSDP2 vs DDP, compile,
+activation checkpointing, chunked cross-entropy, DeepSpeed ZeRO-2).
 
-    PYTHONPATH=. python experiments/gpu_check/gpu_check.py          # H100 / H200 (README.md)
-    PYTHONPATH=. python experiments/gpu_check/gpu_check.py --smoke  # tiny model, any device
+    PYTHONPATH=. python experiments/gpu_check/gpu_check.py                   # H100 / H200 (README.md)
+    PYTHONPATH=. python experiments/gpu_check/gpu_check.py --checks scaling  # only scaling.py's
+    PYTHONPATH=. python experiments/gpu_check/gpu_check.py --smoke           # tiny models, any device
 
 (from the repository root; or `pip install -e .` first and drop PYTHONPATH)
 
-For bf16 and each FP8 recipe (torchao tensorwise, rowwise, rowwise_with_gw_hp; DeepSeek-V3
+FP8: for bf16 and each FP8 recipe (torchao tensorwise, rowwise, rowwise_with_gw_hp; DeepSeek-V3
 blockwise) it trains the same model from the same init on the same batches (bytes of the embedded
 reasoning corpus) for --steps optimizer steps, and prints per recipe: the median step time, its
 ratio to bf16, tokens/s, MFU (model FLOPs per token x tokens/s over the GPU's dense bf16 peak) and
 the mean loss of the last 20 steps with its relative difference to bf16, checked against
 LOSS_BOUND. The FP8 runs must use the GPU's FP8 kernels (the script refuses emulation unless
---smoke). Exit status 1 if a recipe fails or misses the bound. Imports only torch, torchao and
-tinyreason's model / training code (no Lightning, Hydra or data pipeline), so it runs on a bare
-GPU image with torchao added.
+--smoke). Scaling: one markdown table (scaling.py). Both go into results.json (FP8 at the top
+level, scaling under "scaling"), rewritten after each run; exit status 1 if any run fails or
+misses its bound. Imports torch, tinyreason's model / training code, torchao (FP8 only) and, for
+scaling, Lightning (through tinyreason.training.parallel); no Hydra or data pipeline.
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import scaling  # beside this file (sys.path[0] when run as a script)
 import torch
 
 from tinyreason.data.synthetic import CorpusConfig, format_text, generate
 from tinyreason.model import CausalLM, MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from tinyreason.model.flops import flops_per_token
-from tinyreason.training import fp8
 from tinyreason.training.optim import OptimConfig, build_optimizer
 from tinyreason.training.perf import GPU_BF16_PEAK_FLOPS
 from tinyreason.training.precision import PrecisionConfig, apply_precision
@@ -41,6 +46,7 @@ from tinyreason.training.precision import PrecisionConfig, apply_precision
 # |mean loss of the last 20 steps, FP8 - bf16| / bf16. DeepSeek-V3 reports < 0.25% after long
 # training; 200 steps from scratch are noisier (the CPU experiment fp8_vs_bf16 measured < 0.5%).
 LOSS_BOUND = 0.01
+CHECKS = ("fp8", "scaling")  # --checks: this file's FP8 recipes, scaling.py's checks
 RUNS = [
     ("bf16", None),
     ("fp8", "tensorwise"),
@@ -191,36 +197,21 @@ def train(name, recipe, cfg, data, args, device) -> dict:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
-    parser.add_argument("--recipes", default="all", help="comma list of recipes to run, or all")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, emulation allowed")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.batch, args.seq = min(args.steps, 24), 2, 64
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def fp8_check(args, device: torch.device, corpus: torch.Tensor, peak: float) -> dict:
+    """bf16 and every FP8 recipe (RUNS): prints their table; returns params, bound, runs and
+    failures (results.json's top-level keys, as before `--checks`)."""
+    from tinyreason.training import fp8  # torchao: only this part needs it
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.smoke and not fp8.kernels_available("blockwise"):
-        print(
-            "needs a Hopper GPU (compute capability 9.0) for the FP8 kernels; --smoke runs anywhere"
-        )
-        return 1
+        why = "fp8: needs a Hopper GPU (compute capability 9.0) for the FP8 kernels; --smoke runs anywhere"
+        print(why)
+        return {"failures": [why]}
     cfg = model_config(args.smoke)
-    peak, peak_note = peak_flops(device)
     n_params = CausalLM(cfg).num_params() if args.smoke else _num_params_meta(cfg)
-    print(f"device: {peak_note}; measured bf16 matmul {measured_matmul_tflops(device):.0f} TFLOP/s")
     print(
         f"model: {n_params / 1e9:.2f} B parameters, batch {args.batch} x {args.seq} tokens, {args.steps} steps"
     )
-    data = batches(corpus_bytes(400 if args.smoke else 60000), args.steps, args.batch, args.seq)
-
+    data = batches(corpus, args.steps, args.batch, args.seq)
     wanted = None if args.recipes == "all" else set(args.recipes.split(","))
     results, failures = [], []
     for name, recipe in RUNS:
@@ -250,12 +241,66 @@ def main() -> int:
             f"{ratio:>8.2f}{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}{r['loss_last20']:>9.4f}"
             f"{diff:>+9.2%}  {'PASS' if ok else 'FAIL'}"
         )
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    summary = {"device": peak_note, "params": n_params, "args": vars(args), "bound": LOSS_BOUND}
-    (Path(args.out) / "results.json").write_text(
-        json.dumps({**summary, "runs": results, "failures": failures}, indent=1)
+    return {"params": n_params, "bound": LOSS_BOUND, "runs": results, "failures": failures}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checks", default="fp8,scaling", help="comma list of: " + ", ".join(CHECKS)
     )
-    print("\n" + ("\n".join(f"FAIL {f}" for f in failures) if failures else "all recipes PASS"))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--recipes", default="all", help="comma list of recipes to run, or all")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, emulation allowed")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
+    args = parser.parse_args()
+    checks = args.checks.split(",")
+    if not checks or not set(checks) <= set(CHECKS):
+        parser.error(f"--checks={args.checks!r}: a comma list of {list(CHECKS)}")
+    if args.smoke:
+        args.steps, args.batch, args.seq = min(args.steps, 24), 2, 64
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak, peak_note = peak_flops(device)
+    print(f"device: {peak_note}; measured bf16 matmul {measured_matmul_tflops(device):.0f} TFLOP/s")
+    corpus = corpus_bytes(400 if args.smoke else 60000)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"device": peak_note, "args": vars(args)}
+
+    def failed() -> list[str]:
+        parts = summary.get("errors", []) + summary.get("fp8_failures", [])
+        return parts + summary.get("scaling", {}).get("failures", [])
+
+    def save(scaling_so_far: dict | None = None) -> None:
+        if scaling_so_far is not None:
+            summary["scaling"] = scaling_so_far
+        (out / "results.json").write_text(json.dumps({**summary, "failures": failed()}, indent=1))
+
+    def fp8_part() -> None:
+        fp8_results = fp8_check(args, device, corpus, peak)
+        summary["fp8_failures"] = fp8_results.pop("failures")
+        summary.update(fp8_results)
+
+    def scaling_part() -> None:
+        windows = lambda steps, batch, seq: batches(corpus, steps, batch, seq)
+        print("\n" + scaling.table(scaling.run(device, args.smoke, windows, save)["rows"]))
+
+    for check, part in (("fp8", fp8_part), ("scaling", scaling_part)):
+        if check in checks:
+            try:
+                part()
+            except Exception as err:  # a broken part (an import, the process group) is reported
+                traceback.print_exc()
+                summary.setdefault("errors", []).append(f"{check}: {type(err).__name__}: {err}")
+            save()
+    failures = failed()
+    print("\n" + ("\n".join(f"FAIL {f}" for f in failures) if failures else "all checks PASS"))
     return 1 if failures else 0
 
 

@@ -15,22 +15,21 @@ so the module materialises its model itself before Lightning looks.
 
 Checkpoints are DCP folders (`last.ckpt/`: one shard file per rank, `.metadata`, and Lightning's
 `meta.pt` with everything but weights and optimizer state), written to `<name>.partial/` and
-swapped in only once complete (`FSDP2Strategy.save_checkpoint`); `checkpoints.read_checkpoint`
+swapped in only once complete (`strategies.FSDP2Strategy.save_checkpoint`); `checkpoints.read_checkpoint`
 consolidates one for `init_from`, export, evaluate and generate. Generation during training and the
 final export gather the full weights onto every rank (`LitCausalLM.unsharded_model`), so exact
 match runs with no collective inside, on every rank alike, as under DDP.
+
+No Lightning import here (the strategies are `training/strategies.py`): the GPU check
+(`experiments/gpu_check/scaling.py`) shards with `shard_model` on a bare torch image.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -104,66 +103,6 @@ def check_strategy(run) -> None:
                 "(model=moe); this model is dense"
             )
         check_expert_parallel(model.moe.num_experts, t.world_size, t.expert_parallel)
-
-
-def build_strategy(run) -> Any:
-    """The Lightning strategy for `trainer.strategy`: ours by name, else Lightning's string."""
-    t = run.trainer
-    if t.strategy == "fsdp":
-        return FSDP2Strategy(data_parallel_size=t.world_size)
-    if t.strategy == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(stage=t.deepspeed_stage)
-    return t.strategy
-
-
-class FSDP2Strategy(ModelParallelStrategy):
-    """Lightning's ModelParallelStrategy as pure FSDP2: a 1-D data-parallel mesh (no tensor
-    parallelism: Lightning's default would make every device a tensor-parallel rank) and DCP
-    checkpoint folders that appear whole or not at all."""
-
-    def __init__(self, data_parallel_size: int) -> None:
-        super().__init__(
-            data_parallel_size=data_parallel_size,
-            tensor_parallel_size=1,
-            save_distributed_checkpoint=True,
-        )
-
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """Every rank writes its shard into `<path>.partial/`; once all are done rank 0 checks
-        the folder (metadata and `meta.pt` readable) and swaps it in for `<path>`. A kill mid-write
-        leaves the previous checkpoint whole."""
-        path = Path(self.broadcast(str(filepath)))
-        partial = path.with_name(path.name + ".partial")
-        if self.global_rank == 0 and partial.exists():
-            shutil.rmtree(partial)
-        self.barrier("checkpoint-partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier("checkpoint-written")
-        if self.global_rank == 0:
-            torch.load(partial / "meta.pt", map_location="cpu", weights_only=True)
-            if not (partial / ".metadata").is_file():
-                raise OSError(f"DCP wrote no .metadata in {partial}")
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(partial, path)
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.barrier("checkpoint-swapped")
-
-    def remove_checkpoint(self, filepath) -> None:
-        if self.global_rank == 0:
-            path = Path(filepath)
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def shard_model(model: nn.Module, mesh, bf16: bool, expert_parallel: int = 1) -> None:
