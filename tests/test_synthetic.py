@@ -19,7 +19,9 @@ import pytest
 from tinyreason.data import solutions, synthetic
 from tinyreason.data.synthetic import CorpusConfig, Problem
 
-SMALL = CorpusConfig(num_train=1800, num_val=180, num_test=180)
+# The column format (generator v2, `working.py`): the local format's lines are checked in
+# test_local_format.py; what is checked here on the column format holds for both.
+SMALL = CorpusConfig(num_train=1800, num_val=180, num_test=180, format="column")
 UNIT_FACTORS = {"km_m": 1000, "kg_g": 1000, "h_min": 60}
 
 
@@ -330,6 +332,8 @@ def test_fingerprint_is_stable_and_changes_with_every_field():
         "kinds": ("add",),
         "langs": ("zh",),
         "ood": True,
+        "format": "column",
+        "drills": 0.1,
     }
     for f in dataclasses.fields(CorpusConfig):
         value = changed.get(f.name, getattr(base, f.name) + 1 if f.type == "int" else None)

@@ -70,6 +70,15 @@ class PretrainDataModule(L.LightningDataModule):
         datamodule = cls(str(prepared.shard_root), d.seq_len, d.batch_size, d.num_workers, run.seed)
         datamodule.prepared = prepared
         for split, stats in prepared.manifest["splits"].items():
+            if stats.get("skipped_too_long") and isinstance(corpus, ReasoningCorpus):
+                longest = stats.get("longest", "?")
+                raise ValueError(
+                    f"data.seq_len={d.seq_len}: {stats['skipped_too_long']} of {stats['documents']} "
+                    f"conversations of the {split} split are longer than a window of "
+                    f"data.seq_len + 1 = {window} tokens (the longest: {longest} tokens); set "
+                    f"data.seq_len >= {longest if longest == '?' else longest - 1}, or shorten the "
+                    "solutions (data.corpus.max_digits, data.corpus.format)"
+                )
             windows = datamodule.num_windows(split)
             if windows < d.batch_size:  # the loaders drop an incomplete last batch
                 raise ValueError(

@@ -97,6 +97,7 @@ def pack(
         "supervised_tokens": supervised,
         "pad_tokens": len(windows) * window - real,
         "skipped_too_long": len(docs) - len(keep),
+        "longest": max(map(len, docs), default=0),
     }
     return windows, stats
 

@@ -41,14 +41,20 @@ from .solutions import (
     build_sub,
     build_unit,
 )
+from . import drills as drill_problems
+from . import local
 from .templates import UNITS
+
+FORMATS = ("local", "column")
 
 KINDS = ("add", "sub", "mul", "compare", "gcd", "price", "rate", "unit", "linear")
 LANGS = ("en", "zh")
 SPLITS = ("train", "validation", "test")
 # Bump whenever a sampler, a builder (solutions.py, working.py) or a template (templates.py)
 # changes: cached corpora are keyed by fingerprint().
-GENERATOR_VERSION = 2  # 2: column working for every multi-digit +, -, × (`working.working`)
+# 2: column working for every multi-digit +, -, × (`working.working`); 3: local working
+# (`local.py`, `format=local`) and digit drills (`drills`)
+GENERATOR_VERSION = 3
 # Candidates drawn for one slot before giving up; a split keeps ~5-90% of keys, so this only
 # trips when the problem space is exhausted (tiny difficulty knobs, huge split sizes).
 _MAX_TRIES = 2000
@@ -82,6 +88,12 @@ class CorpusConfig:
     # (max_digits + 1, max_multiplier_digits + 1), quantities / rates / coefficients are drawn
     # from (limit, 2 * limit]: nothing a model trained at ood=false has seen (`ood_config`).
     ood: bool = False
+    # How a solution is worked: local (every copy local: `local.py`) | column (generator v2: one
+    # line per place, naming it; `working.py`). The questions and answers are the same.
+    format: str = "local"
+    # Share of the *training* split given to digit drills (copy, drop the last digit, the last
+    # digit, reverse, one column step: `drills.py`); validation / test / OOD hold none.
+    drills: float = 0.0
 
     def __post_init__(self) -> None:
         # YAML/Hydra hand over lists; tuples keep the config hashable and the fingerprint stable
@@ -101,6 +113,12 @@ class CorpusConfig:
         for name, lo, hi in (("max_digits", 1, 9), ("max_multiplier_digits", 1, 9)):
             if not lo <= getattr(self, name) <= hi:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [{lo}, {hi}]")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} must be one of {list(FORMATS)}")
+        if isinstance(self.drills, bool) or not isinstance(self.drills, (int, float)):
+            raise ValueError(f"drills={self.drills!r} must be a number in [0, 1)")
+        if not 0 <= self.drills < 1:
+            raise ValueError(f"drills={self.drills} must be in [0, 1): the share of the training split")
         for name in ("max_quantity", "max_rate", "max_coef"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
@@ -260,6 +278,19 @@ _SAMPLERS: dict[str, Callable[[random.Random, CorpusConfig], Draw]] = {
 }
 assert set(_SAMPLERS) == set(KINDS)
 
+# The local working of each builder's problem, from the builder's own arguments (+ lang)
+_LOCAL_STEPS: dict[Callable, Callable[..., list[str]]] = {
+    build_add: local.steps_add,
+    build_sub: local.steps_sub,
+    build_mul: local.steps_mul,
+    build_compare: local.steps_compare,
+    build_gcd: local.steps_gcd,
+    build_price: local.steps_price,
+    build_rate: local.steps_rate,
+    build_unit: local.steps_unit,
+    build_linear: local.steps_linear,
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # Public API
@@ -272,6 +303,8 @@ def generate(config: CorpusConfig, split: str) -> list[Problem]:
     skipped; rejection happens on the key, before any text is built.
     """
     num = config.split_size(split)
+    num_drills = round(num * config.drills) if split == "train" else 0
+    num -= num_drills
     rng = random.Random(_hash_int(f"tinyreason-synthetic:{config.seed}:{split}"))
     seen: set[str] = set()
     problems = []
@@ -291,8 +324,28 @@ def generate(config: CorpusConfig, split: str) -> list[Problem]:
             )
         seen.add(key)
         question, steps, answer = build(lang, rng)
+        if config.format == "local":
+            steps = _LOCAL_STEPS[build.func](*build.args, lang)
         problems.append(Problem(kind, lang, question, steps, answer, key))
+    if num_drills:  # their own rng: the problems above are the same with drills on or off
+        drng = random.Random(_hash_int(f"tinyreason-drills:{config.seed}"))
+        drills = drill_problems.generate(drng, num_drills, config.langs, config.max_digits)
+        problems = _interleave(problems, drills)
     return problems
+
+
+def _interleave(a: list, b: list) -> list:
+    """b spread evenly through a (a's order kept), so every prefix holds its share of b."""
+    total = len(a) + len(b)
+    out, i, j = [], 0, 0
+    for n in range(total):
+        if j < len(b) and (i >= len(a) or (j + 1) * total <= (n + 1) * len(b)):
+            out.append(b[j])
+            j += 1
+        else:
+            out.append(a[i])
+            i += 1
+    return out
 
 
 _ANSWER_PREFIX = {"en": "Answer: ", "zh": "答案："}

@@ -59,6 +59,8 @@ def dpo_loss(
 
 
 class DPOModule(LitCausalLM):
+    masks_documents = False  # a window holds one conversation: the chosen or the rejected one
+
     def __init__(
         self,
         model: dict,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from tinyreason.checkpoints import load_init_weights
-from tinyreason.data.packing import split_flags
+from tinyreason.data.packing import document_masks, split_flags
 from tinyreason.model import CausalLM, ModelConfig, init_weights
 from tinyreason.model.transformer import IGNORE_INDEX
 from tinyreason.tokenizer import model_vocab_size, token_byte_lengths
@@ -33,10 +33,14 @@ class LitCausalLM(L.LightningModule):
         optim: dict,
         precision: dict | None = None,
         loss_flag: int | None = None,
+        bos_id: int | None = None,
     ) -> None:
         super().__init__()
         # data.loss_on=assistant: the shards flag supervised tokens by adding this bit (packing.py)
         self.loss_flag = loss_flag
+        # set: each conversation packed into a window attends only to itself, its positions
+        # counted from its bos, as when it is answered alone (`packing.document_masks`)
+        self.bos_id = bos_id
         self.save_hyperparameters()
         self.model_config = ModelConfig.from_dict(model)
         betas = {"betas": tuple(optim["betas"])} if "betas" in optim else {}
@@ -63,6 +67,8 @@ class LitCausalLM(L.LightningModule):
         data = datamodule.prepared
         model = run.model_for(model_vocab_size(data.tokenizer))
         optim = dataclasses.asdict(run.optim)
+        if cls.masks_documents and data.manifest.get("loss_flag") is not None:
+            extra.setdefault("bos_id", data.tokenizer.bos_token_id)
         module = cls(
             model.to_dict(),
             optim,
@@ -77,6 +83,10 @@ class LitCausalLM(L.LightningModule):
             module.configure_model()
             load_init_weights(module.model, run.init_from)
         return module
+
+    # packed conversations (data.loss_on=assistant) are masked from one another; DPO's windows
+    # hold one conversation each
+    masks_documents = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["run_config"] = self.run_config
@@ -167,7 +177,10 @@ class LitCausalLM(L.LightningModule):
     def _forward(self, batch: torch.Tensor):
         """(model output with losses, targets) of a batch of windows."""
         inputs, targets = self._inputs_targets(batch)
-        return self.model(inputs, targets), targets
+        if self.bos_id is None:
+            return self.model(inputs, targets), targets
+        positions, mask = document_masks(inputs, self.bos_id)
+        return self.model(inputs, targets, position_ids=positions, attn_mask=mask), targets
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         out, _ = self._forward(batch)

@@ -1,9 +1,10 @@
 """`stage=sft`: supervised fine-tuning on conversations, loss on the assistant tokens only.
 
 The model, Trainer, precision, MoE bias update, loggers, checkpoints and export are pretraining's;
-what differs: each packed conversation attends only to itself (per-conversation positions and a
-block-diagonal causal mask from the bos tokens), so a packed window's loss equals the loss of its
-conversations run one by one, and a batch without a supervised token is skipped (all ranks
+what differs: a run needs packed conversations, which attend only to themselves (per-conversation
+positions and a block-diagonal causal mask from the bos tokens, as in pretraining with
+data.loss_on=assistant), so a packed window's loss equals the loss of its conversations run one by
+one, and a batch without a supervised token is skipped (all ranks
 decide together), never a NaN.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tinyreason.data.packing import document_masks
 from tinyreason.model.transformer import IGNORE_INDEX
 from tinyreason.training.module import LitCausalLM
 
@@ -28,18 +28,12 @@ class SFTModule(LitCausalLM):
     ) -> None:
         if loss_flag is None or bos_id is None:
             raise ValueError("stage=sft needs packed conversations (a loss flag) and a bos id")
-        super().__init__(model, optim, precision, loss_flag)
-        self.bos_id = bos_id
+        super().__init__(model, optim, precision, loss_flag, bos_id)
 
     @classmethod
     def from_run(cls, run, datamodule, **extra) -> SFTModule:
-        bos_id = datamodule.prepared.tokenizer.bos_token_id
-        return super().from_run(run, datamodule, bos_id=bos_id, **extra)
-
-    def _forward(self, batch: torch.Tensor):
-        inputs, targets = self._inputs_targets(batch)
-        positions, mask = document_masks(inputs, self.bos_id)
-        return self.model(inputs, targets, position_ids=positions, attn_mask=mask), targets
+        extra.setdefault("bos_id", datamodule.prepared.tokenizer.bos_token_id)
+        return super().from_run(run, datamodule, **extra)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         _, targets = self._inputs_targets(batch)
