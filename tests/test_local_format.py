@@ -1,7 +1,9 @@
 """The local solution format (`CorpusConfig(format="local")`, generator v3) and the digit drills.
 
 Checked on every problem of small train / validation / test corpora and of their OOD counterpart,
-in both languages:
+in both languages. The corpus writes the working lines without spaces (`local.tight`:
+"62+21|2+1+0=3|35"), the routines called directly write them spaced; the line shapes below parse
+both, and the checks run on both:
 
 * arithmetic: every working line of add, sub, mul-by-digit, long division and compare is recomputed
   from its own digits and from the line above (carry, borrow, remainder, running result); each
@@ -14,6 +16,7 @@ in both languages:
 * the local and column formats pose the same problems with the same answers, the local working ends
   on that answer, and the column format is still generator v2's output (pinned digest);
 * drills: training split only, spread evenly, the other problems unchanged, right answers;
+* the corpus working lines hold no space, the words lines keep theirs;
 * config validation, GENERATOR_VERSION and the fingerprint.
 """
 
@@ -37,14 +40,28 @@ CONFIGS = {"in": SMALL, "ood": synthetic.ood_config(SMALL)}
 
 # --- line shapes of local.py ------------------------------------------------------------------
 
+# The routines (local.add, ...) write spaced lines ("62 + 21 | 2 + 1 + 0 = 3 | 35"); the builders of
+# the corpus (local.steps_*) pass the working lines through local.tight, which removes every space
+# ("62+21|2+1+0=3|35", "156÷17=9r3|4|09", "x=-4"). The shapes below are written spaced and accept
+# each of those spaces as optional (`_shape`), so they parse both; the words lines keep theirs.
+
+
+def _shape(spaced: str) -> re.Pattern:
+    """A line shape written with single spaces, each of them optional."""
+    assert "  " not in spaced and "[" not in spaced, spaced  # no space inside a character class
+    return re.compile(spaced.replace(" ", " ?"))
+
+
+EQ = re.compile(r" ?= ?")  # the "=" of a line, spaced or tight
+
 # the working lines of a routine: one regex per routine, one role per group (how the number is
 # sourced, for the locality checker; None: not a number)
 WORKING = {
-    "add": re.compile(r"(\d+) \+ (\d+) \| (\d) \+ (\d) \+ (\d) = (\d+) \| (\d+)"),
-    "sub": re.compile(r"(\d+) - (\d+) \| (\d+) - (\d) - (\d) = (\d+) \| (\d+)"),
-    "mul": re.compile(r"(\d+) × (\d) \| (\d) × (\d) \+ (\d+) = (\d+) \| (\d+)"),
-    "div": re.compile(r"(\d+) ÷ (\d+) = (\d+) r (\d+) \| (\d+|\.) \| (\d+)"),
-    "cmp": re.compile(r"(\d+) \? (\d+) \| (\d) ([<>=]) (\d)"),
+    "add": _shape(r"(\d+) \+ (\d+) \| (\d) \+ (\d) \+ (\d) = (\d+) \| (\d+)"),
+    "sub": _shape(r"(\d+) - (\d+) \| (\d+) - (\d) - (\d) = (\d+) \| (\d+)"),
+    "mul": _shape(r"(\d+) × (\d) \| (\d) × (\d) \+ (\d+) = (\d+) \| (\d+)"),
+    "div": _shape(r"(\d+) ÷ (\d+) = (\d+) r (\d+) \| (\d+|\.) \| (\d+)"),
+    "cmp": _shape(r"(\d+) \? (\d+) \| (\d) (<|>|=) (\d)"),
 }
 ROLES = {  # operands restated | digits used | carry / borrow | computed | running result
     "add": ("shrink", "shrink", "digit", "digit", "carry", "computed", "grow"),
@@ -53,15 +70,16 @@ ROLES = {  # operands restated | digits used | carry / borrow | computed | runni
     "div": ("bring", "same", "computed", "computed", "drop_first", "append"),
     "cmp": ("drop_first", "drop_first", "first_digit", None, "first_digit"),
 }
-RESULT = re.compile(r"= (-?\d+)(?: r (\d+))?")  # closes add / sub / mul ("= N") and div ("= Q r R")
-CMP_RESULT = re.compile(r"= (\d+) ([<>=]) (\d+)")
-CMP_PAD = re.compile(r"(\d+) \? (\d+) = (\d+) \? (\d+)")  # "7 ? 123 = 007 ? 123"
-DIV_HEAD = re.compile(r"(\d+) ÷ (\d+)")
-GCD_LINE = re.compile(r"(\d+) = (\d+) × (\d+) \+ (\d+)")
-EQUATION = re.compile(r"[-\d ()+×÷]+ = [-\d ()+×÷]+")  # sign lines, mul headers, one-liners
-ONE_MUL = re.compile(r"(\d+) × (\d+) = (\d+)")
-ONE_DIV = re.compile(r"(\d+) ÷ (\d+) = (\d+)")
-X_LINE = re.compile(r"x = (-?\d+)")
+RESULT = _shape(r"= (-?\d+)(?: r (\d+))?")  # closes add / sub / mul ("= N") and div ("= Q r R")
+CMP_RESULT = _shape(r"= (\d+) (<|>|=) (\d+)")  # "= 7 < 123", "=5441=5441"
+CMP_PAD = _shape(r"(\d+) \? (\d+) = (\d+) \? (\d+)")  # "7 ? 123 = 007 ? 123"
+DIV_HEAD = _shape(r"(\d+) ÷ (\d+)")
+GCD_LINE = _shape(r"(\d+) = (\d+) × (\d+) \+ (\d+)")
+# sign lines, mul headers, one-liners ("-37 - 25 = -(37 + 25)", "551×49=551×9+5510×4")
+EQUATION = re.compile(r"[-\d ()+×÷]+ ?= ?[-\d ()+×÷]+")
+ONE_MUL = _shape(r"(\d+) × (\d+) = (\d+)")
+ONE_DIV = _shape(r"(\d+) ÷ (\d+) = (\d+)")
+X_LINE = _shape(r"x = (-?\d+)")
 # constants a line may write without a source: "nothing left" / "no carry", "1 hour = 60 minutes"
 CONSTANTS = {"0", "1", *(str(u[0]) for u in UNITS.values())}
 
@@ -283,7 +301,7 @@ def _closing_errors(shape: str, rows, before: str, after: str) -> list[str]:
         n = m.group(1)
         a, b = int(first[0]), int(first[1])  # mul: the number and the digit
         value = {"add": a + b, "sub": a - b, "mul": a * b}[shape]
-        negated = bool(re.search(r"= -\([^()]*\)$", before))  # "-37 - 25 = -(37 + 25)"
+        negated = bool(re.search(r"= ?-\([^()]*\)$", before))  # "-37 - 25 = -(37 + 25)"
         errors = []
         if n.lstrip("-") != (last[-1].lstrip("0") or "0"):
             errors.append(f"{after!r} is not the running result {last[-1]} without leading zeros")
@@ -345,7 +363,7 @@ def arithmetic_errors(steps: list[str], lang: str) -> list[str]:
         elif shape == "div_head" and following != "div":
             errors.append(f"line {i} {line!r}: a division header with no long division after it")
         elif shape in ("equation", "gcd"):
-            lhs, rhs = line.split(" = ")
+            lhs, rhs = EQ.split(line)
             if _evaluate(lhs) != _evaluate(rhs):
                 errors.append(
                     f"line {i} {line!r}: {lhs} = {_evaluate(lhs)}, {rhs} = {_evaluate(rhs)}"
@@ -369,17 +387,18 @@ def arithmetic_errors(steps: list[str], lang: str) -> list[str]:
 
 
 def final_value(problem: Problem) -> str:
-    """What the last line of a local solution concludes."""
+    """What the last line of a local solution concludes, written as an answer ("1 < 7", "x = -4")."""
     last = problem.steps[-1]
-    if (m := RESULT.fullmatch(last)) and m.group(2) is not None:
-        assert m.group(2) == "0", f"{problem.key}: ends with remainder {m.group(2)}: {last!r}"
+    if m := RESULT.fullmatch(last):
+        if m.group(2) is not None:
+            assert m.group(2) == "0", f"{problem.key}: ends with remainder {m.group(2)}: {last!r}"
         return m.group(1)
-    if last.startswith("= "):
-        return last[2:]
-    if ONE_MUL.fullmatch(last) or ONE_DIV.fullmatch(last):
-        return last.rsplit(" = ", 1)[1]
-    if X_LINE.fullmatch(last):
-        return last
+    if m := CMP_RESULT.fullmatch(last):
+        return " ".join(m.groups())
+    if (m := ONE_MUL.fullmatch(last)) or (m := ONE_DIV.fullmatch(last)):
+        return m.group(3)
+    if m := X_LINE.fullmatch(last):
+        return f"x = {m.group(1)}"
     m = _template(local.WORDS[problem.lang]["gcd.done"]).fullmatch(last)
     assert m, f"{problem.key}: unexpected last line {last!r}"
     return m.group(1)
@@ -459,11 +478,8 @@ def locality_errors(question: str, steps: list[str], lang: str) -> list[str]:
                 if not any(n == (t.lstrip("0") or "0") for t in above):
                     errors.append(f"line {i} {line!r}: {n} is not on the line above")
         else:
-            computed = (
-                line.rsplit(" = ", 1)[1]
-                if ONE_MUL.fullmatch(line) or ONE_DIV.fullmatch(line)
-                else None
-            )
+            one = ONE_MUL.fullmatch(line) or ONE_DIV.fullmatch(line)
+            computed = one.group(3) if one else None
             tokens = [(mt.start(), mt.group()) for mt in re.finditer(r"\d+", line)]
             for pos, n in tokens:
                 here = [t for p, t in tokens if p < pos]
@@ -530,6 +546,34 @@ def test_every_working_line_is_arithmetically_right(corpora):
     assert not bad, f"{len(bad)} wrong lines, e.g.\n" + "\n".join(bad[:20])
 
 
+def _is_words(line: str) -> bool:
+    """A words / label line: a letter other than a division's "r" or the linear equation's "x"."""
+    return any(ch.isalpha() and ch not in "rx" for ch in line)
+
+
+def test_working_lines_are_tight_and_words_lines_keep_their_spaces(corpora):
+    spaced, tight_shapes, words = [], set(), []
+    for p in _local(corpora):
+        for line in p.steps:
+            if _is_words(line):
+                words.append((p, line))
+            elif " " in line:
+                spaced.append(f"{p.key} ({p.lang}): {line!r}")
+            else:
+                tight_shapes.add(classify(line, p.lang)[0])
+    assert not spaced, f"{len(spaced)} working lines with spaces, e.g.\n" + "\n".join(spaced[:20])
+    expected = {*WORKING, "result", "cmp_result", "cmp_pad", "div_head", "gcd", "equation", "x"}
+    assert tight_shapes == expected, f"tight shapes {tight_shapes} != {expected}"
+    # a WORDS template matches only with its own spaces ("Move ", " to the right side: ", "x = ",
+    # " - "): a words line that lost them would not be "words"
+    not_words = [(p.key, line) for p, line in words if classify(line, p.lang)[0] != "words"]
+    assert not not_words, not_words[:10]
+    en = [line for p, line in words if p.lang == "en"]
+    assert en and all(" " in line for line in en), [line for line in en if " " not in line][:5]
+    for label in ("Move ", "Divide by ", "Combined rate = ", "Add from the units."):
+        assert any(line.startswith(label) for line in en), f"no words line {label!r}..."
+
+
 def test_local_solution_ends_on_the_answer(corpora):
     wrong = [
         (p.key, p.answer, final_value(p)) for p in _local(corpora) if final_value(p) != p.answer
@@ -558,6 +602,28 @@ def test_hand_picked_routines():
         0,
     )
     assert local.compare(7, 123)[0] == ["7 ? 123 = 007 ? 123", "007 ? 123 | 0 < 1", "= 7 < 123"]
+    # the corpus builders write the same working without spaces, the words line with its spaces
+    assert local.steps_add(622, 213, "en") == [
+        "Add from the units.",
+        "622+213|2+3+0=5|5",
+        "62+21|2+1+0=3|35",
+        "6+2|6+2+0=8|835",
+        "=835",
+    ]
+    assert local.steps_compare(7, 123, "en")[1:] == ["7?123=007?123", "007?123|0<1", "=7<123"]
+    assert local.steps_linear(8, 52, 20, "en") == [
+        "Move 52 to the right side: 8x = 20 - 52",
+        "20-52=-(52-20)",
+        "52-20|2-0-0=2|2",
+        "5-2|5-2-0=3|32",
+        "=-32",
+        "Divide by 8: x = -32 ÷ 8",
+        "-32÷8=-(32÷8)",
+        "32÷8",
+        "32÷8=4r0|.|4",
+        "=4r0",
+        "x=-4",
+    ]
     for lines in (
         local.add(99999, 1)[0],
         local.sub(1000, 1)[0],
@@ -568,8 +634,12 @@ def test_hand_picked_routines():
         local.signed_sub(-37, 25)[0],
         local.signed_sub(-5, -20)[0],
         local.signed_sub(3, 8)[0],
+        local.signed_add(-37, -25)[0],
+        local.compare(4521, 987)[0],
+        local.compare(5441, 5441)[0],
     ):
-        assert not arithmetic_errors(lines, "en"), (lines, arithmetic_errors(lines, "en"))
+        for form in (lines, local.tight(lines)):
+            assert not arithmetic_errors(form, "en"), (form, arithmetic_errors(form, "en"))
 
 
 ADD_277_78 = local.add(277, 78)[0]  # 7 + 8 = 15, 7 + 7 + 1 = 15, 2 + 0 + 1 = 3
@@ -595,7 +665,11 @@ ADD_277_78 = local.add(277, 78)[0]  # 7 + 8 = 15, 7 + 7 + 1 = 15, 2 + 0 + 1 = 3
         (local.gcd(4884, 2706)[0], "4884 = 1 × 2706 + 2178", "4884 = 1 × 2706 + 2179"),
     ],
 )
-def test_arithmetic_checker_catches_mistakes(lines, old, new):
+@pytest.mark.parametrize("form", ["spaced", "tight"])  # routine output, corpus lines
+def test_arithmetic_checker_catches_mistakes(lines, old, new, form):
+    if form == "tight":
+        lines, old = local.tight(lines), old.replace(" ", "")
+        new = None if new is None else new.replace(" ", "")
     assert not arithmetic_errors(lines, "en"), arithmetic_errors(lines, "en")
     text = "\n".join(lines)
     assert old in text, (old, lines)
@@ -663,6 +737,17 @@ def test_every_local_solution_copies_only_from_nearby(corpora):
     assert not bad, f"{len(bad)} non-local numbers, e.g.\n" + "\n".join(bad[:20])
 
 
+def _with_groups(shape: str, line: str, new: dict[int, str]) -> str:
+    """`line` (a WORKING[shape] line, spaced or tight) with groups k replaced by new[k]."""
+    m = WORKING[shape].fullmatch(line)
+    assert m, (shape, line)
+    out, end = [], 0
+    for k in sorted(new):
+        out += [line[end : m.start(k)], new[k]]
+        end = m.end(k)
+    return "".join([*out, line[end:]])
+
+
 def _add_problem(corpora) -> Problem:
     """An addition of two numbers of 3+ digits whose first and last digits differ."""
     return next(
@@ -681,8 +766,9 @@ def test_locality_checker_flags_operands_restated_from_the_wrong_end(corpora):
     a1, b1 = numbers(p.steps[1])[:2]
     assert (a, b) == (a1[:-1], b1[:-1])
     broken = [*p.steps]
-    # "1492 + 7" restated as "492 + 0" (first digit dropped) instead of "149 + 0"
-    broken[2] = p.steps[2].replace(f"{a} + {b} |", f"{a1[1:]} + {b1[1:]} |", 1)
+    # "1492+7" restated as "492+0" (first digit dropped) instead of "149+0"
+    broken[2] = _with_groups("add", p.steps[2], {1: a1[1:], 2: b1[1:]})
+    assert broken[2] != p.steps[2]
     errors = locality_errors(p.question, broken, p.lang)
     assert any(e.startswith("line 2 ") for e in errors), (broken, errors)
 
@@ -701,15 +787,12 @@ def test_locality_checker_flags_a_column_line(corpora):
 def test_locality_checker_flags_numbers_from_afar(corpora):
     p = _add_problem(corpora)
     first, second = p.steps[1], p.steps[2]
-    out = second.rsplit(" | ", 1)[1]
     third = p.steps[3]  # 3+ digit operands: 3+ working lines
+    a1, b1, *_ = WORKING["add"].fullmatch(first).groups()
     cases = {  # reason: (index, line)
-        "answer copied before it is worked out": (2, second[: -len(out)] + p.answer),
-        "operands of two lines up": (
-            3,
-            third.replace(third.split(" | ")[0], first.split(" | ")[0], 1),
-        ),
-        "carry from nowhere": (2, re.sub(r"\+ \d = ", "+ 7 = ", second, count=1)),
+        "answer copied before it is worked out": (2, _with_groups("add", second, {7: p.answer})),
+        "operands of two lines up": (3, _with_groups("add", third, {1: a1, 2: b1})),
+        "carry from nowhere": (2, _with_groups("add", second, {5: "7"})),  # add carries 0 or 1
     }
     for reason, (index, line) in cases.items():
         assert line != p.steps[index], reason
@@ -783,7 +866,7 @@ def test_every_drill_is_right():
         assert bool(re.search(r"[\u4e00-\u9fff]", p.question)) == (p.lang == "zh"), p
         assert p.answer == _recompute_drill(kind, value), p
         if kind == "column":
-            m = re.fullmatch(r"(\d+) ([-+×]) (\d) ([-+]) (\d)", value)
+            m = re.fullmatch(r"(\d+)([-+×])(\d)([-+])(\d)", value)
             assert m, p
             x, op, y, op2, c = m.groups()
             assert op2 == {"+": "+", "-": "-", "×": "+"}[op], p
@@ -795,15 +878,15 @@ def test_every_drill_is_right():
                 ), p
             else:
                 assert len(x) == 1 and (c in "01" if op == "+" else True), p
-            assert p.steps == [f"{value} = {p.answer}"], p
+            assert p.steps == [f"{value}={p.answer}"], p
             continue
         assert value.isdigit() and value[0] != "0" and 2 <= len(value) <= SMALL.max_digits + 1, p
         expected = {
             "copy": [value],
-            "rest": [f"{value} | {value[:-1]}"],
-            "last": [f"{value} | {value[-1]}"],
+            "rest": [f"{value}|{value[:-1]}"],
+            "last": [f"{value}|{value[-1]}"],
             "reverse": [
-                f"{value[:i]} | {value[::-1][: len(value) - i + 1]}"
+                f"{value[:i]}|{value[::-1][: len(value) - i + 1]}"
                 for i in range(len(value), 0, -1)
             ],
         }[kind]

@@ -4,9 +4,11 @@ their own with checkable answers, in the training split only.
     copy      Copy 4521.                          -> 4521
     rest      Drop the last digit of 4521.        -> 452     (what every working line restates)
     last      The last digit of 4521?             -> 1       (the digit each line works on)
-    reverse   Reverse 4521.                       -> 1254    (4521 | 1, 452 | 12, ...: the running
+    reverse   Reverse 4521.                       -> 1254    (4521|1, 452|12, ...: the running
                                                               result carried forward line by line)
-    column    7 + 8 + 1 = ?  /  12 - 3 - 1 = ?  /  7 × 8 + 3 = ?   (one column step)
+    column    7+8+1 = ?  /  12-3-1 = ?  /  7×8+3 = ?   (one column step)
+
+Their working lines are tight (no spaces), like the local working's (`local.tight`).
 """
 
 from __future__ import annotations
@@ -40,26 +42,26 @@ def _drill(kind: str, rng: random.Random, max_digits: int) -> tuple[str, list[st
         x, y = rng.randint(0, 9), rng.randint(0, 9)
         if op == "+":
             c = rng.randint(0, 1)
-            expr, value = f"{x} + {y} + {c}", x + y + c
+            expr, value = f"{x}+{y}+{c}", x + y + c
         elif op == "-":
             c = rng.randint(0, 1)
             x += 10 * (x < y + c)
-            expr, value = f"{x} - {y} - {c}", x - y - c
+            expr, value = f"{x}-{y}-{c}", x - y - c
         else:
             c = rng.randint(0, 8)
-            expr, value = f"{x} × {y} + {c}", x * y + c
-        return expr, [f"{expr} = {value}"], str(value)
+            expr, value = f"{x}×{y}+{c}", x * y + c
+        return expr, [f"{expr}={value}"], str(value)
     n = str(rng.randint(10 ** (k - 1) if (k := rng.randint(2, max_digits + 1)) > 1 else 0, 10**k - 1))
     if kind == "copy":
         return n, [n], n
     if kind == "rest":
-        return n, [f"{n} | {n[:-1]}"], n[:-1]
+        return n, [f"{n}|{n[:-1]}"], n[:-1]
     if kind == "last":
-        return n, [f"{n} | {n[-1]}"], n[-1]
+        return n, [f"{n}|{n[-1]}"], n[-1]
     steps, out = [], ""
     for i in range(len(n), 0, -1):
         out += n[i - 1]
-        steps.append(f"{n[:i]} | {out}")
+        steps.append(f"{n[:i]}|{out}")
     return n, steps, out
 
 

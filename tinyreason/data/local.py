@@ -5,7 +5,8 @@ finds by content: just before a delimiter, after a label, at the end of the line
 fetched by counting positions inside a number far back in the question (the "tens digit of the
 first operand" lookup the column format needs, which a tiny model does not learn in ~2 M tokens).
 
-Each routine restates what is left of its operands at the start of every line, so the digits in
+The routines write spaced lines (readable, below); the builders of each kind (`steps_*`) take the
+spaces out of the working lines (`tight`): "622+213|2+3+0=5|5". Each routine restates what is left of its operands at the start of every line, so the digits in
 use are the last ones before a delimiter; the carry, borrow or remainder comes from the line above;
 the running result is carried forward on the right and the routine ends with "= result":
 
@@ -256,25 +257,32 @@ WORDS = {
 }
 
 
+def tight(lines: Lines) -> Lines:
+    """Working lines without spaces: "62+21|2+1+0=3|35". With `tokenizer.digits=individual` every
+    digit is then the same token wherever it is (a space before a digit would make " 2" another
+    token than "2", so copying the last digit of "622" to "| 2" would change the token)."""
+    return [line.replace(" ", "") for line in lines]
+
+
 def steps_add(a: int, b: int, lang: str) -> Lines:
-    return [WORDS[lang]["add.q"], *add(a, b)[0]]
+    return [WORDS[lang]["add.q"], *tight(add(a, b)[0])]
 
 
 def steps_sub(a: int, b: int, lang: str) -> Lines:
-    return [WORDS[lang]["sub.q"], *signed_sub(a, b)[0]]
+    return [WORDS[lang]["sub.q"], *tight(signed_sub(a, b)[0])]
 
 
 def steps_mul(a: int, b: int, lang: str) -> Lines:
-    return [WORDS[lang]["mul.q"], *mul(a, b)[0]]
+    return [WORDS[lang]["mul.q"], *tight(mul(a, b)[0])]
 
 
 def steps_compare(a: int, b: int, lang: str) -> Lines:
-    return [WORDS[lang]["cmp.q"], *compare(a, b)[0]]
+    return [WORDS[lang]["cmp.q"], *tight(compare(a, b)[0])]
 
 
 def steps_gcd(a: int, b: int, lang: str) -> Lines:
     lines, g = gcd(a, b)
-    return [WORDS[lang]["gcd.q"], *lines, WORDS[lang]["gcd.done"].format(g=g)]
+    return [WORDS[lang]["gcd.q"], *tight(lines), WORDS[lang]["gcd.done"].format(g=g)]
 
 
 def steps_linear(a: int, b: int, c: int, lang: str) -> Lines:
@@ -283,7 +291,7 @@ def steps_linear(a: int, b: int, c: int, lang: str) -> Lines:
     if b:
         lines.append(w["lin.move"].format(a=a, b=_paren(b), c=c, pb=_paren(b)))
         working, rhs = signed_sub(c, b)
-        lines += working
+        lines += tight(working)
     else:
         rhs = c
     lines.append(w["lin.div"].format(a=_paren(a), rhs=rhs, pa=_paren(a)))
@@ -291,31 +299,30 @@ def steps_linear(a: int, b: int, c: int, lang: str) -> Lines:
     working, q, r = div(abs(rhs), abs(a))
     assert r == 0
     if rhs < 0 or a < 0:
-        lines.append(f"{rhs} ÷ {_paren(a)} = {sign}({abs(rhs)} ÷ {abs(a)})")
-    lines += working
-    lines.append(f"x = {sign}{q}" if q else "x = 0")
-    return lines
+        working.insert(0, f"{rhs} ÷ {_paren(a)} = {sign}({abs(rhs)} ÷ {abs(a)})")
+    working.append(f"x = {sign}{q}" if q else "x = 0")
+    return lines + tight(working)
 
 
 def steps_price(variant: str, price: int, qty: int, paid: int, lang: str) -> Lines:
     w = WORDS[lang]
     if variant == "unit":
-        return [w["unit_price"], *div(price * qty, qty)[0]]
-    lines = [w["total"], *mul(price, qty)[0]]
+        return [w["unit_price"], *tight(div(price * qty, qty)[0])]
+    lines = [w["total"], *tight(mul(price, qty)[0])]
     if variant == "change":
-        lines += [w["change"], *sub(paid, price * qty)[0]]
+        lines += [w["change"], *tight(sub(paid, price * qty)[0])]
     return lines
 
 
 def steps_rate(variant: str, r1: int, r2: int, hours: int, lang: str) -> Lines:
     w = WORDS[lang]
     if variant == "distance":
-        return [w["distance"], *mul(r1, hours)[0]]
+        return [w["distance"], *tight(mul(r1, hours)[0])]
     if variant == "time":
-        return [w["time"], *div(r1 * hours, r1)[0]]
+        return [w["time"], *tight(div(r1 * hours, r1)[0])]
     both = r1 + r2
-    lines = [w["both"].format(r1=r1, r2=r2), *add(r1, r2)[0]]
-    return [*lines, w["work"], *div(both * hours, both)[0]]
+    lines = [w["both"].format(r1=r1, r2=r2), *tight(add(r1, r2)[0])]
+    return [*lines, w["work"], *tight(div(both * hours, both)[0])]
 
 
 def steps_unit(pair: str, to_small: bool, big: int, rest: int, lang: str) -> Lines:
@@ -323,8 +330,8 @@ def steps_unit(pair: str, to_small: bool, big: int, rest: int, lang: str) -> Lin
     names = dict(factor=factor, big1=big1, smalls=smalls, big_zh=big_zh, small_zh=small_zh)
     w = WORDS[lang]
     if not to_small:
-        return [w["to_big"].format(**names), *div(big * factor, factor)[0]]
-    lines = [w["to_small"].format(**names), *mul(big, factor)[0]]
+        return [w["to_big"].format(**names), *tight(div(big * factor, factor)[0])]
+    lines = [w["to_small"].format(**names), *tight(mul(big, factor)[0])]
     if rest:
-        lines += [w["plus_rest"].format(rest=rest, **names), *add(big * factor, rest)[0]]
+        lines += [w["plus_rest"].format(rest=rest, **names), *tight(add(big * factor, rest)[0])]
     return lines
