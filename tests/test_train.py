@@ -32,12 +32,16 @@ def read_csv(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "model, precision", [("moe", "fp8"), ("dense", "bf16"), ("dense_mla", "fp32")]
+    "model, precision, fmt",
+    [("moe", "fp8", "local"), ("dense", "bf16", "local"), ("dense_mla", "fp32", "column")],
 )
-def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path, model, precision):
+def test_debug_fast_run_writes_checkpoints_metrics_and_learns(
+    make_cfg, tmp_path, model, precision, fmt
+):
     cfg = make_cfg(
         f"model={model}",
         f"precision={precision}",
+        f"data.corpus.format={fmt}",  # both solution formats train
         "debug=fast",
         "logger=csv",
         "moe_heatmap_every=4",
@@ -79,7 +83,7 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(make_cfg, tmp_path
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert len(bpb) == 3  # step 0, 5, 10
     assert bpb[-1] < bpb[0], "ten steps on a tiny corpus must lower val/bpb"
-    assert metrics["tokens"] == 10 * 2 * 256
+    assert metrics["tokens"] == 10 * 2 * 320
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 10
     assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values()), "plain tensors only"

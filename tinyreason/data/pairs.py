@@ -3,7 +3,8 @@ wrong one, and pairs read from jsonl (`prompt`, `chosen`, `rejected`).
 
 A rejected solution of the corpus is one of (seeded by the problem's key, each checked wrong by
 the corpus' own answer checker, else the next one is tried):
-    wrong_operand  a coherent column solution of the question with one operand digit miscopied
+    wrong_operand  a coherent solution of the question (in the corpus' format) with one operand
+                   digit miscopied
                    (add, sub, mul)
     dropped_carry  the sum written without its carries (add with a carry)
     off_by_one     the final answer one off (a number), or the relation flipped (compare)
@@ -63,7 +64,9 @@ def _with_answer(p: synthetic.Problem, answer: str) -> synthetic.Problem:
     return replace(p, steps=steps, answer=answer)
 
 
-def wrong_operand(p: synthetic.Problem, rng: random.Random) -> synthetic.Problem | None:
+def wrong_operand(
+    p: synthetic.Problem, rng: random.Random, fmt: str = "local"
+) -> synthetic.Problem | None:
     if p.kind not in _BUILD:
         return None
     a, b = (int(n) for n in _NUMBER.findall(p.question)[:2])
@@ -72,13 +75,18 @@ def wrong_operand(p: synthetic.Problem, rng: random.Random) -> synthetic.Problem
     lowest = 1 if i == 0 and len(digits) > 1 else 0  # keep the operand's length
     digits[i] = rng.choice([str(d) for d in range(lowest, 10) if str(d) != digits[i]])
     try:
-        _, steps, answer = _BUILD[p.kind](int("".join(digits)), b, p.lang, rng)
+        wrong = int("".join(digits))
+        _, steps, answer = _BUILD[p.kind](wrong, b, p.lang, rng)
+        if fmt == "local":
+            steps = synthetic.local_steps(_BUILD[p.kind], (wrong, b), p.lang)
     except (IndexError, ValueError):  # an operand the builder does not take (e.g. 0 x b)
         return None
     return replace(p, steps=steps, answer=answer)
 
 
-def dropped_carry(p: synthetic.Problem, rng: random.Random) -> synthetic.Problem | None:
+def dropped_carry(
+    p: synthetic.Problem, rng: random.Random, fmt: str = "local"
+) -> synthetic.Problem | None:
     if p.kind != "add":
         return None
     a, b = (int(n) for n in _NUMBER.findall(p.question)[:2])
@@ -87,7 +95,9 @@ def dropped_carry(p: synthetic.Problem, rng: random.Random) -> synthetic.Problem
     return _with_answer(p, str(no_carry))
 
 
-def off_by_one(p: synthetic.Problem, rng: random.Random) -> synthetic.Problem | None:
+def off_by_one(
+    p: synthetic.Problem, rng: random.Random, fmt: str = "local"
+) -> synthetic.Problem | None:
     if p.kind == "compare":
         flipped = {">": "<", "<": ">", "=": ">"}
         left, rel, right = p.answer.split(" ")
@@ -107,14 +117,14 @@ CORRUPTIONS = {
 }
 
 
-def rejected_solution(p: synthetic.Problem) -> tuple[str, str]:
+def rejected_solution(p: synthetic.Problem, fmt: str = "local") -> tuple[str, str]:
     """(a wrong solution of p, how it is wrong): the corruptions in a seeded order, the first
-    that the checker finds wrong."""
+    that the checker finds wrong; worked in the corpus' format (`data.corpus.format`)."""
     rng = random.Random(int(hashlib.sha256(p.key.encode()).hexdigest()[:8], 16))
     names = list(CORRUPTIONS)
     rng.shuffle(names)
     for name in [*names, "off_by_one"]:
-        bad = CORRUPTIONS[name](p, rng)
+        bad = CORRUPTIONS[name](p, rng, fmt)
         if bad is not None and not synthetic.check(p, solution(bad)):
             return solution(bad), name
     raise ValueError(f"no wrong solution found for {p.key}")  # off_by_one always is one
@@ -161,7 +171,8 @@ class PairsCorpus:
             for split in SPLITS:
                 for p in synthetic.generate(self.base.config, split):
                     chosen = chat_document(p.question, solution(p))
-                    out[split].append((chosen, chat_document(p.question, rejected_solution(p)[0])))
+                    rejected = rejected_solution(p, self.base.config.format)[0]
+                    out[split].append((chosen, chat_document(p.question, rejected)))
         for path in self.config.files:
             pairs, skipped = read_pairs(path)
             if skipped:

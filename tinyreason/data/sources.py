@@ -321,4 +321,9 @@ def build_corpus(name: str, corpus: dict) -> Corpus:
         raise ValueError(f"data.name={name!r} is not one of {list(NAMES)}")
     if name == "text_files":
         return TextFilesCorpus(dataclass_from_dict(TextFilesConfig, dict(corpus), "data.corpus"))
-    return ReasoningCorpus(dataclass_from_dict(synthetic.CorpusConfig, dict(corpus), "data.corpus"))
+    try:
+        config = dataclass_from_dict(synthetic.CorpusConfig, dict(corpus), "data.corpus")
+    except ValueError as err:  # CorpusConfig names its fields bare: say where they are
+        message = str(err)
+        raise ValueError(message if message.startswith("data.") else f"data.corpus.{message}") from err
+    return ReasoningCorpus(config)

@@ -292,6 +292,11 @@ _LOCAL_STEPS: dict[Callable, Callable[..., list[str]]] = {
 }
 
 
+def local_steps(builder: Callable, args: tuple, lang: str) -> list[str]:
+    """The local working (`format=local`) of the problem a column builder makes from `args`."""
+    return _LOCAL_STEPS[builder](*args, lang)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 
@@ -325,7 +330,7 @@ def generate(config: CorpusConfig, split: str) -> list[Problem]:
         seen.add(key)
         question, steps, answer = build(lang, rng)
         if config.format == "local":
-            steps = _LOCAL_STEPS[build.func](*build.args, lang)
+            steps = local_steps(build.func, build.args, lang)
         problems.append(Problem(kind, lang, question, steps, answer, key))
     if num_drills:  # their own rng: the problems above are the same with drills on or off
         drng = random.Random(_hash_int(f"tinyreason-drills:{config.seed}"))
