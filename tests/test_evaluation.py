@@ -463,6 +463,20 @@ def test_corpus_config_is_the_runs_then_the_overrides(tmp_path):
     assert list(sets) == ["ood"] and len(sets["ood"]) == 9
 
 
+def test_ood_problems_caps_the_ood_split_only():
+    small = CorpusConfig(max_digits=2)
+    config = EvalConfig.from_dict({"splits": ["test", "ood"], "ood_problems": 18})
+    sets = eval_sets(config, small)
+    assert len(sets["test"]) == 500 and len(sets["ood"]) == 18  # the test split stays whole
+    prefix = [it.question for it in corpus_items(small, "ood", 18)]
+    assert [it.question for it in sets["ood"]] == prefix  # a prefix: balanced over kinds
+    both = EvalConfig.from_dict({"splits": ["test", "ood"], "num_problems": 9, "ood_problems": 18})
+    assert [len(v) for v in eval_sets(both, small).values()] == [9, 9]  # the smaller cap
+    for bad in (0, -1, 2.5, True, "all"):
+        with pytest.raises(ValueError, match="eval.ood_problems=.* positive integer or null"):
+            EvalConfig.from_dict({"ood_problems": bad})
+
+
 # --- the key invariant: overfit problems score 100%, others ~0% --------------------------------
 
 TINY = CorpusConfig(

@@ -31,6 +31,7 @@ CHOICES = {
     "optim.schedule": ["cosine", "wsd", "constant"],
     "optim.moment_dtype": ["fp32", "bf16"],
     "model.moe.balance": ["both", "aux_free", "aux_loss", "none"],
+    "data.corpus.format": ["local", "column"],
 }
 MAIN = "python -m tinyreason.train -m"
 

@@ -292,6 +292,7 @@ class EvalConfig:
     options: EvalOptions = field(default_factory=EvalOptions)
     splits: tuple[str, ...] = ("test", "ood")
     num_problems: int | None = None  # per split or file; None = all of it
+    ood_problems: int | None = None  # at most this many of the ood split (and num_problems)
     files: tuple[str, ...] = ()
     during_training_problems: int = 64  # train: greedy exact match at every validation; 0 = off
     during_training_split: str = "validation"
@@ -307,12 +308,16 @@ class EvalConfig:
             EvalOptions, {k: d.pop(k) for k in option_keys if k in d}, "eval"
         )
         during = dict(d.pop("during_training", None) or {})
-        unknown = sorted(set(d) - {"splits", "num_problems", "files", "at_end"})
+        unknown = sorted(set(d) - {"splits", "num_problems", "ood_problems", "files", "at_end"})
         unknown += sorted(f"during_training.{k}" for k in set(during) - {"num_problems", "split"})
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in eval")
         if options.speculative and model is not None:
             check_speculative(model)
+        for key in ("num_problems", "ood_problems"):
+            n = d.get(key)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"eval.{key}={n!r} must be a positive integer or null (all)")
         split = during.get("split", "validation")
         if split not in CORPUS_SPLITS:
             raise ValueError(
@@ -322,6 +327,7 @@ class EvalConfig:
             options=options,
             splits=tuple(d.get("splits", ("test", "ood"))),
             num_problems=d.get("num_problems"),
+            ood_problems=d.get("ood_problems"),
             files=tuple(d.get("files", ())),
             during_training_problems=during.get("num_problems", 64) or 0,
             during_training_split=split,
@@ -347,7 +353,9 @@ def eval_sets(config: EvalConfig, corpus: synthetic.CorpusConfig) -> dict[str, l
                 f"eval.splits: {split!r} is not one of {list(CORPUS_SPLITS)} (files go in eval.files)"
             )
         else:
-            sets[split] = corpus_items(corpus, split, config.num_problems)
+            caps = [config.num_problems] + ([config.ood_problems] if split == "ood" else [])
+            limit = min((n for n in caps if n is not None), default=None)
+            sets[split] = corpus_items(corpus, split, limit)
     for path in config.files:
         sets[file_set_name(path)] = file_items(path)[: config.num_problems]
     if not sets:

@@ -50,20 +50,31 @@ def curve(run: Path) -> tuple[list[dict], dict]:
                     "flops": tokens * static.get("model/flops_per_token", 0.0),
                     "exact_match": float(r["val/exact_match"]),
                     "bpb": float(r["val/bpb"]) if r.get("val/bpb") else float("nan"),
+                    "by_kind": {
+                        k.removeprefix("val/exact_match_"): float(v)
+                        for k, v in r.items()
+                        if k.startswith("val/exact_match_") and v
+                    },
                 }
             )
     return points, static
 
 
+def short_names(runs: list[Path]) -> list[str]:
+    """Each run's overrides without those every run shares (the recipe they all start from)."""
+    names = [name_of(run).split() for run in runs]
+    common = set.intersection(*map(set, names)) if len(names) > 1 else set()
+    return [" ".join(o for o in n if o not in common) or "baseline" for n in names]
+
+
 def summarize(runs: list[Path], out: Path) -> list[dict]:
     table = []
     curves = {}
-    for run in runs:
+    for run, name in zip(runs, short_names(runs)):
         points, static = curve(run)
         report = (
             json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
         )
-        name = name_of(run)
         curves[name] = points
         last = points[-1] if points else {}
         row = {
@@ -102,23 +113,44 @@ def summarize(runs: list[Path], out: Path) -> list[dict]:
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    """val exact match vs wall time and vs tokens seen (one line per run), then per kind vs
+    tokens (one panel per kind) in <path stem>_by_kind.png."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2), dpi=110)
-    ax_t, ax_f = fig.subplots(1, 2)
+    ax_t, ax_n = fig.subplots(1, 2)
     for name, points in curves.items():
         if not points:
             continue
         em = [100 * p["exact_match"] for p in points]
         ax_t.plot([p["seconds"] / 60 for p in points], em, marker="o", label=name)
-        ax_f.plot([p["flops"] / 1e15 for p in points], em, marker="o", label=name)
+        ax_n.plot([p["tokens"] / 1e6 for p in points], em, marker="o", label=name)
     ax_t.set(xlabel="wall time of fit (min, 2-core CPU)", ylabel="val exact match (%)")
-    ax_f.set(xlabel="training FLOPs (PFLOP)", ylabel="val exact match (%)")
-    for ax in (ax_t, ax_f):
+    ax_n.set(xlabel="training tokens (M)", ylabel="val exact match (%)")
+    for ax in (ax_t, ax_n):
         ax.grid(alpha=0.3)
-    ax_f.legend(fontsize=7, loc="lower right")
+    ax_n.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
+
+    kinds = sorted({k for points in curves.values() for p in points for k in p["by_kind"]})
+    if not kinds:
+        return
+    cols = 3
+    fig = Figure(figsize=(12, 3.2 * ((len(kinds) + cols - 1) // cols)), dpi=100)
+    axes = fig.subplots((len(kinds) + cols - 1) // cols, cols, squeeze=False).ravel()
+    for ax, kind in zip(axes, kinds):
+        for name, points in curves.items():
+            xs = [p["tokens"] / 1e6 for p in points if kind in p["by_kind"]]
+            ys = [100 * p["by_kind"][kind] for p in points if kind in p["by_kind"]]
+            ax.plot(xs, ys, marker=".", label=name)
+        ax.set(title=kind, xlabel="training tokens (M)", ylabel="val EM (%)", ylim=(-5, 105))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=5)
+    for ax in axes[len(kinds) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + "_by_kind.png"))
 
 
 def main() -> None:
