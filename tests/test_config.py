@@ -97,7 +97,7 @@ def test_every_point_of_every_experiment_sweep_validates(make_cfg, experiment):
 @pytest.mark.parametrize("data", group_options("data"))
 def test_debug_fast_composes_with_every_data_option(make_cfg, data):
     run = RunConfig.from_hydra(make_cfg("debug=fast", f"data={data}"))
-    assert run.data.name == data and run.trainer.max_steps == 10 and run.data.seq_len == 256
+    assert run.data.name == data and run.trainer.max_steps == 10 and run.data.seq_len == 320
 
 
 def test_the_run_config_does_not_edit_the_hydra_config(make_cfg, tmp_path):

@@ -886,8 +886,7 @@ def test_every_drill_is_right():
             "rest": [f"{value}|{value[:-1]}"],
             "last": [f"{value}|{value[-1]}"],
             "reverse": [
-                f"{value[:i]}|{value[::-1][: len(value) - i + 1]}"
-                for i in range(len(value), 0, -1)
+                f"{value[:i]}|{value[::-1][: len(value) - i + 1]}" for i in range(len(value), 0, -1)
             ],
         }[kind]
         assert p.steps == expected, p

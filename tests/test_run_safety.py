@@ -185,7 +185,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_last_ckpt(
     monkeypatch.delenv(FAULT_ENV)  # space freed: the resume finishes the run
     metrics = train(make_cfg(*short, "ckpt_path=last", run_dir=run))
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
-    assert metrics["tokens"] == 4 * 2 * 256
+    assert metrics["tokens"] == 4 * 2 * 320
 
 
 def test_a_damaged_checkpoint_is_named_with_the_previous_one(make_cfg, pretrained, tmp_path):
@@ -243,7 +243,7 @@ def test_a_resume_keeps_architecture_tokenizer_and_data_and_reports_the_rest(
     first, second = str(err.value).splitlines()
     assert first == (
         f"ckpt_path={ckpt}: a resume keeps the architecture, tokenizer, data, stage and seed of "
-        f"{ckpt}; these differ: data.seq_len: 256 -> 128; model.hidden_size: 96 -> 128; "
+        f"{ckpt}; these differ: data.seq_len: 320 -> 128; model.hidden_size: 96 -> 128; "
         "seed: 0 -> 1; tokenizer.vocab_size: 512 -> 600"
     )
     assert "model.init_from" in second

@@ -262,5 +262,5 @@ def test_eval_speculative_without_mtp_fails_before_any_work(trained, make_cfg):
         EvalOptions(speculative="yes")
     # train: refused while the config is typed, before a tokenizer or a shard is built
     with pytest.raises(ValueError, match="mtp.depth"):
-        RunConfig.from_hydra(make_cfg("eval.speculative=true", "model.mtp.depth=0"))
-    RunConfig.from_hydra(make_cfg("eval.speculative=true"))  # the default model has MTP
+        RunConfig.from_hydra(make_cfg("eval.speculative=true"))  # the default MoE has no MTP
+    RunConfig.from_hydra(make_cfg("eval.speculative=true", "model.mtp.depth=1"))

@@ -42,6 +42,7 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(
         f"model={model}",
         f"precision={precision}",
         f"data.corpus.format={fmt}",  # both solution formats train
+        *(["model.mtp.depth=1"] if model == "moe" else []),  # the MTP block's load heatmap too
         "debug=fast",
         "logger=csv",
         "moe_heatmap_every=4",

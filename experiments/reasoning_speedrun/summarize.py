@@ -70,7 +70,7 @@ def short_names(runs: list[Path]) -> list[str]:
 def summarize(runs: list[Path], out: Path) -> list[dict]:
     table = []
     curves = {}
-    for run, name in zip(runs, short_names(runs)):
+    for run, name in zip(runs, short_names(runs), strict=True):
         points, static = curve(run)
         report = (
             json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
@@ -139,7 +139,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     cols = 3
     fig = Figure(figsize=(12, 3.2 * ((len(kinds) + cols - 1) // cols)), dpi=100)
     axes = fig.subplots((len(kinds) + cols - 1) // cols, cols, squeeze=False).ravel()
-    for ax, kind in zip(axes, kinds):
+    for ax, kind in zip(axes, kinds, strict=False):  # more axes than kinds
         for name, points in curves.items():
             xs = [p["tokens"] / 1e6 for p in points if kind in p["by_kind"]]
             ys = [100 * p["by_kind"][kind] for p in points if kind in p["by_kind"]]

@@ -51,7 +51,9 @@ def _drill(kind: str, rng: random.Random, max_digits: int) -> tuple[str, list[st
             c = rng.randint(0, 8)
             expr, value = f"{x}×{y}+{c}", x * y + c
         return expr, [f"{expr}={value}"], str(value)
-    n = str(rng.randint(10 ** (k - 1) if (k := rng.randint(2, max_digits + 1)) > 1 else 0, 10**k - 1))
+    n = str(
+        rng.randint(10 ** (k - 1) if (k := rng.randint(2, max_digits + 1)) > 1 else 0, 10**k - 1)
+    )
     if kind == "copy":
         return n, [n], n
     if kind == "rest":

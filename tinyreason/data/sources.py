@@ -325,5 +325,7 @@ def build_corpus(name: str, corpus: dict) -> Corpus:
         config = dataclass_from_dict(synthetic.CorpusConfig, dict(corpus), "data.corpus")
     except ValueError as err:  # CorpusConfig names its fields bare: say where they are
         message = str(err)
-        raise ValueError(message if message.startswith("data.") else f"data.corpus.{message}") from err
+        raise ValueError(
+            message if message.startswith("data.") else f"data.corpus.{message}"
+        ) from err
     return ReasoningCorpus(config)

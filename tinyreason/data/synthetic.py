@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from . import drills as drill_problems
+from . import local
 from .solutions import (
     Solution,
     build_add,
@@ -41,8 +43,6 @@ from .solutions import (
     build_sub,
     build_unit,
 )
-from . import drills as drill_problems
-from . import local
 from .templates import UNITS
 
 FORMATS = ("local", "column")
@@ -118,7 +118,9 @@ class CorpusConfig:
         if isinstance(self.drills, bool) or not isinstance(self.drills, (int, float)):
             raise ValueError(f"drills={self.drills!r} must be a number in [0, 1)")
         if not 0 <= self.drills < 1:
-            raise ValueError(f"drills={self.drills} must be in [0, 1): the share of the training split")
+            raise ValueError(
+                f"drills={self.drills} must be in [0, 1): the share of the training split"
+            )
         for name in ("max_quantity", "max_rate", "max_coef"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 2")
