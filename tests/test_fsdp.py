@@ -159,12 +159,13 @@ def test_fsdp_cli_equals_ddp_resumes_exactly_and_exports(cache_dir, tmp_path) ->
     run); FSDP2 with the experts split over the 2 ranks (expert_parallel=2) for 5, then resumed
     from its DCP folder to 10 without expert parallelism (DCP reshards the experts): the same
     losses at every step, the same final weights, and an HF export of them. Expert parallelism
-    applies the gate weight after the down projection: rel 1e-5 on its losses."""
+    applies the gate weight after the down projection: rel 3e-5 on its losses (the masked
+    attention of packed conversations adds its own rounding: 1.4e-5 seen)."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _cli(ddp, cache_dir, "trainer.strategy=ddp")
     assert (ddp / "train_ddp_process_1.log").is_file(), "no second process"
     tokens = _rows(ddp, "tokens")
-    assert tokens[max(tokens)] == 10 * 2 * 256 * 2  # steps x batch x window x ranks
+    assert tokens[max(tokens)] == 10 * 2 * 320 * 2  # steps x batch x window x ranks
     assert (ddp / "hf" / "config.json").is_file()
     assert (ddp / "tokenizer" / "tokenizer.json").is_file()
     half = ("trainer.max_steps=5", "trainer.val_check_interval=5", "trainer.expert_parallel=2")
@@ -179,8 +180,8 @@ def test_fsdp_cli_equals_ddp_resumes_exactly_and_exports(cache_dir, tmp_path) ->
     ddp_loss, fsdp_loss = _rows(ddp, "train/loss"), first_half | _rows(fsdp, "train/loss")
     assert sorted(fsdp_loss) == sorted(ddp_loss) and len(ddp_loss) == 10
     for step, loss in ddp_loss.items():
-        assert fsdp_loss[step] == pytest.approx(loss, rel=1e-5), step
-    assert _rows(fsdp, "val/bpb")[9] == pytest.approx(_rows(ddp, "val/bpb")[9], rel=1e-5)
+        assert fsdp_loss[step] == pytest.approx(loss, rel=3e-5), step
+    assert _rows(fsdp, "val/bpb")[9] == pytest.approx(_rows(ddp, "val/bpb")[9], rel=3e-5)
 
     want = read_checkpoint(ddp / "checkpoints" / "last.ckpt")
     got = read_checkpoint(last)  # consolidated from the DCP shards

@@ -50,7 +50,7 @@ def test_local_submitit_sweep_trains_each_job_on_two_ranks(cache_dir, tmp_path):
         run = sweep / job
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == steps
-        assert last_tokens(run) == steps * 2 * 256 * 2  # steps x batch x window x 2 ranks
+        assert last_tokens(run) == steps * 2 * 320 * 2  # steps x batch x window x 2 ranks
         assert (run / "tokenizer" / "tokenizer.json").is_file()
     rank1 = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_1_log.err"))
     assert rank1.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2

@@ -219,6 +219,7 @@ def test_pack_keeps_every_conversation_whole_in_one_window(corpus, tok):
         "supervised_tokens": sum(sum(m) for i, m in enumerate(masks) if i not in too_long),
         "pad_tokens": len(windows) * W - real,
         "skipped_too_long": len(too_long),
+        "longest": max(map(len, ids)),  # the refusal of a window too short names it
     }
     fitting = [len(d) for i, d in enumerate(ids) if i not in too_long]
     assert len(windows) == len(packing.best_fit(fitting, W))
@@ -238,7 +239,7 @@ def test_pack_skips_everything_longer_than_the_window():
     docs, masks = [[0, 5, 6, 7], [0, 8, 9]], [[False, True, True, True], [False, False, True]]
     windows, stats = packing.pack(docs, masks, 3, pad_id=2, flag=1 << 15, seed=0)
     assert [w.tolist() for w in windows] == [[0, 8, 9 + (1 << 15)]]
-    assert stats["skipped_too_long"] == 1 and stats["pad_tokens"] == 0
+    assert stats["skipped_too_long"] == 1 and stats["pad_tokens"] == 0 and stats["longest"] == 4
     windows, stats = packing.pack(docs, masks, 2, pad_id=2, flag=1 << 15, seed=0)
     assert windows == [] and stats["skipped_too_long"] == 2
 
@@ -354,7 +355,10 @@ def test_debug_run_reports_exact_match(make_cfg, tmp_path):
         assert metrics[f"{split}/exact_match"] == reports[split]["exact_match"]
     lines = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
     assert [x["split"] for x in lines] == ["test"] * 4 + ["ood"] * 4
-    ood_items = synthetic.generate(synthetic.ood_config(synthetic.CorpusConfig(num_test=4)), "test")
+    debug_corpus = synthetic.CorpusConfig(  # debug/data/fast_reasoning.yaml
+        num_test=4, max_digits=2, max_quantity=9, max_rate=20, max_coef=9
+    )
+    ood_items = synthetic.generate(synthetic.ood_config(debug_corpus), "test")
     assert [x["question"] for x in lines[4:]] == [p.question for p in ood_items]
     for split in ("test", "ood"):
         rows = [x for x in lines if x["split"] == split]

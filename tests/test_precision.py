@@ -154,7 +154,7 @@ def test_fp8_checkpoint_holds_plain_tensors_resumes_and_exports(make_cfg, tmp_pa
     assert set(moments) == {torch.bfloat16}
 
     metrics = train(make_cfg(*base, "logger=csv", "ckpt_path=last", run_dir=run))
-    assert metrics["tokens"] == 10 * 2 * 256
+    assert metrics["tokens"] == 10 * 2 * 320
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 10
 

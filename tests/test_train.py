@@ -42,6 +42,7 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(
         f"model={model}",
         f"precision={precision}",
         f"data.corpus.format={fmt}",  # both solution formats train
+        *(["data.seq_len=352"] if fmt == "column" else []),  # its longest: 333 tokens
         *(["model.mtp.depth=1"] if model == "moe" else []),  # the MTP block's load heatmap too
         "debug=fast",
         "logger=csv",
@@ -84,7 +85,7 @@ def test_debug_fast_run_writes_checkpoints_metrics_and_learns(
     bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
     assert len(bpb) == 3  # step 0, 5, 10
     assert bpb[-1] < bpb[0], "ten steps on a tiny corpus must lower val/bpb"
-    assert metrics["tokens"] == 10 * 2 * 320
+    assert metrics["tokens"] == 10 * 2 * cfg.data.seq_len
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 10
     assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values()), "plain tensors only"
@@ -122,7 +123,7 @@ def test_resume_continues_steps_and_data_position(make_cfg, tmp_path, data):
     batch = 4 if data else 2
     assert len(first.seen) == len(second.seen) == 5 * batch
     assert first.seen + second.seen == full.seen, "resume must neither repeat nor skip a window"
-    assert metrics["tokens"] == 10 * batch * 256
+    assert metrics["tokens"] == 10 * batch * 320
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 10
 

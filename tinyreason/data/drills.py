@@ -67,10 +67,11 @@ def _drill(kind: str, rng: random.Random, max_digits: int) -> tuple[str, list[st
     return n, steps, out
 
 
-def generate(rng: random.Random, num: int, langs: tuple[str, ...], max_digits: int) -> list:
-    """`num` drills, round-robin over the drill kinds, then languages."""
-    from .synthetic import Problem  # the record type of every corpus problem
+Drill = tuple[str, str, list[str], str, str]  # lang, question, steps, answer, key
 
+
+def generate(rng: random.Random, num: int, langs: tuple[str, ...], max_digits: int) -> list[Drill]:
+    """`num` drills, round-robin over the drill kinds, then languages."""
     problems = []
     for i in range(num):
         kind = DRILLS[i % len(DRILLS)]
@@ -78,5 +79,5 @@ def generate(rng: random.Random, num: int, langs: tuple[str, ...], max_digits: i
         value, steps, answer = _drill(kind, rng, max_digits)
         field = "expr" if kind == "column" else "n"
         question = _Q[lang][kind].format(**{field: value})
-        problems.append(Problem("drill", lang, question, steps, answer, f"drill:{kind}:{value}"))
+        problems.append((lang, question, steps, answer, f"drill:{kind}:{value}"))
     return problems

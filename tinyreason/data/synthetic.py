@@ -336,7 +336,10 @@ def generate(config: CorpusConfig, split: str) -> list[Problem]:
         problems.append(Problem(kind, lang, question, steps, answer, key))
     if num_drills:  # their own rng: the problems above are the same with drills on or off
         drng = random.Random(_hash_int(f"tinyreason-drills:{config.seed}"))
-        drills = drill_problems.generate(drng, num_drills, config.langs, config.max_digits)
+        drills = [
+            Problem("drill", *drill)
+            for drill in drill_problems.generate(drng, num_drills, config.langs, config.max_digits)
+        ]
         problems = _interleave(problems, drills)
     return problems
 
