@@ -27,7 +27,11 @@ def name_of(run: Path) -> str:
     if not overrides.is_file():
         return run.name
     lines = [ln.strip().removeprefix("- ") for ln in overrides.read_text().splitlines()]
-    keep = [ln for ln in lines if ln and not ln.startswith(("hydra.", "logger", "experiment="))]
+    keep = [
+        ln
+        for ln in lines
+        if ln and ln != "[]" and not ln.startswith(("hydra.", "logger", "experiment="))
+    ]
     return " ".join(keep) or "default"
 
 
