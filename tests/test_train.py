@@ -197,3 +197,11 @@ def test_multirun_gives_each_job_its_own_grouped_wandb_run(cache_dir, tmp_path):
         assert f"logger=wandb,model={model}".encode() in blob  # run name: the sorted overrides
         assert b"sweep" in blob  # group = the sweep folder's name
     assert ids[0] != ids[1]
+
+
+def test_a_window_shorter_than_a_conversation_is_refused_naming_the_longest(make_cfg):
+    """Conversations are never cut or dropped from the embedded corpus: a data.seq_len below its
+    longest one stops the run before training, with the length to set."""
+    message = r"data\.seq_len=128: \d+ of 400 .*longest: \d+ tokens\); set data\.seq_len >= \d+"
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg("debug=fast", "logger=none", "data.seq_len=128"))

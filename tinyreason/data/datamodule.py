@@ -71,12 +71,12 @@ class PretrainDataModule(L.LightningDataModule):
         datamodule.prepared = prepared
         for split, stats in prepared.manifest["splits"].items():
             if stats.get("skipped_too_long") and isinstance(corpus, ReasoningCorpus):
-                longest = stats.get("longest", "?")
+                longest = stats["longest"]  # every v3 corpus' shards record it
                 raise ValueError(
                     f"data.seq_len={d.seq_len}: {stats['skipped_too_long']} of {stats['documents']} "
                     f"conversations of the {split} split are longer than a window of "
                     f"data.seq_len + 1 = {window} tokens (the longest: {longest} tokens); set "
-                    f"data.seq_len >= {longest if longest == '?' else longest - 1}, or shorten the "
+                    f"data.seq_len >= {longest - 1}, or shorten the "
                     "solutions (data.corpus.max_digits, data.corpus.format)"
                 )
             windows = datamodule.num_windows(split)

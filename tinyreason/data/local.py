@@ -6,8 +6,9 @@ fetched by counting positions inside a number far back in the question (the "ten
 first operand" lookup the column format needs, which a tiny model does not learn in ~2 M tokens).
 
 The routines write spaced lines (readable, below); the builders of each kind (`steps_*`) take the
-spaces out of the working lines (`tight`): "622+213|2+3+0=5|5". Each routine restates what is left of its operands at the start of every line, so the digits in
-use are the last ones before a delimiter; the carry, borrow or remainder comes from the line above;
+spaces out of the working lines (`tight`): "622+213|2+3+0=5|5". Each routine restates what is
+left of its operands at the start of every line, so the digits in use are the last ones before a
+delimiter; the carry, borrow or remainder comes from the line above;
 the running result is carried forward on the right and the routine ends with "= result":
 
     add   622 + 213 | 2 + 3 + 0 = 5 | 5          the units, the carry of the line above, the
@@ -231,8 +232,8 @@ WORDS = {
         "to_small": "1 {big1} = {factor} {smalls}, so multiply by {factor}:",
         "plus_rest": "Add the {rest} {smalls}:",
         "to_big": "1 {big1} = {factor} {smalls}, so divide by {factor}:",
-        "lin.move": "Move {b} to the right side: {a}x = {c} - {pb}",
-        "lin.div": "Divide by {a}: x = {rhs} ÷ {pa}",
+        "lin.move": "Move {b} to the right side: {a}x = {c} - {b}",
+        "lin.div": "Divide by {a}: x = {rhs} ÷ {a}",
     },
     "zh": {
         "add.q": "从个位起逐位相加。",
@@ -251,8 +252,8 @@ WORDS = {
         "to_small": "1 {big_zh} = {factor} {small_zh}，乘 {factor}：",
         "plus_rest": "再加 {rest} {small_zh}：",
         "to_big": "1 {big_zh} = {factor} {small_zh}，除以 {factor}：",
-        "lin.move": "把 {b} 移到右边：{a}x = {c} - {pb}",
-        "lin.div": "两边除以 {a}：x = {rhs} ÷ {pa}",
+        "lin.move": "把 {b} 移到右边：{a}x = {c} - {b}",
+        "lin.div": "两边除以 {a}：x = {rhs} ÷ {a}",
     },
 }
 
@@ -289,12 +290,12 @@ def steps_linear(a: int, b: int, c: int, lang: str) -> Lines:
     w = WORDS[lang]
     lines = []
     if b:
-        lines.append(w["lin.move"].format(a=a, b=_paren(b), c=c, pb=_paren(b)))
+        lines.append(w["lin.move"].format(a=a, b=_paren(b), c=c))
         working, rhs = signed_sub(c, b)
         lines += tight(working)
     else:
         rhs = c
-    lines.append(w["lin.div"].format(a=_paren(a), rhs=rhs, pa=_paren(a)))
+    lines.append(w["lin.div"].format(a=_paren(a), rhs=rhs))
     sign = "-" if (rhs < 0) != (a < 0) and rhs else ""
     working, q, r = div(abs(rhs), abs(a))
     assert r == 0

@@ -75,10 +75,8 @@ def wrong_operand(
     lowest = 1 if i == 0 and len(digits) > 1 else 0  # keep the operand's length
     digits[i] = rng.choice([str(d) for d in range(lowest, 10) if str(d) != digits[i]])
     try:
-        wrong = int("".join(digits))
-        _, steps, answer = _BUILD[p.kind](wrong, b, p.lang, rng)
-        if fmt == "local":
-            steps = synthetic.local_steps(_BUILD[p.kind], (wrong, b), p.lang)
+        build = functools.partial(_BUILD[p.kind], int("".join(digits)), b)
+        _, steps, answer = synthetic.build_problem(build, p.lang, rng, fmt)
     except (IndexError, ValueError):  # an operand the builder does not take (e.g. 0 x b)
         return None
     return replace(p, steps=steps, answer=answer)

@@ -294,9 +294,14 @@ _LOCAL_STEPS: dict[Callable, Callable[..., list[str]]] = {
 }
 
 
-def local_steps(builder: Callable, args: tuple, lang: str) -> list[str]:
-    """The local working (`format=local`) of the problem a column builder makes from `args`."""
-    return _LOCAL_STEPS[builder](*args, lang)
+def build_problem(build: partial, lang: str, rng: random.Random, fmt: str) -> Solution:
+    """(question, steps, answer) of a sampler's builder, the steps worked in `fmt`. The column
+    builder always runs: it takes the surface choices (names, phrasing) from rng, so the draws,
+    and with them every split's questions, are the same in both formats."""
+    question, steps, answer = build(lang, rng)
+    if fmt == "local":
+        steps = _LOCAL_STEPS[build.func](*build.args, lang)
+    return question, steps, answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,9 +335,7 @@ def generate(config: CorpusConfig, split: str) -> list[Problem]:
                 f"problems; lower the split size or raise max_digits / max_quantity / max_rate / max_coef"
             )
         seen.add(key)
-        question, steps, answer = build(lang, rng)
-        if config.format == "local":
-            steps = local_steps(build.func, build.args, lang)
+        question, steps, answer = build_problem(build, lang, rng, config.format)
         problems.append(Problem(kind, lang, question, steps, answer, key))
     if num_drills:  # their own rng: the problems above are the same with drills on or off
         drng = random.Random(_hash_int(f"tinyreason-drills:{config.seed}"))
