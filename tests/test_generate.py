@@ -46,7 +46,7 @@ def test_kv_cache_logits_equal_full_forward(kind, attention):
     if kind == "dense":  # rotated k and v per kv head
         assert [t.shape for t in tensors] == [(2, 15, 2, 16), (2, 15, 2, 16)]
     else:  # MLA: the latent c^KV (C=16) and the shared rotated key (R=8), not per-head K/V
-        assert [t.shape for t in tensors] == [(2, 15, 16), (2, 15, 1, 8)]
+        assert [t.shape for t in tensors] == [(2, 15, 16 + 8)]  # [c^KV | k^R] per position
 
 
 def test_kv_cache_refuses_targets_and_overflow():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinyreason import sampling
 from tinyreason.model import CausalLM, debug_config
 from tinyreason.model.attention import KVCache
 from tinyreason.sampling import SamplingConfig, filter_probs, sample
@@ -207,3 +208,85 @@ def test_draws_follow_the_filtered_distribution():
     expected = torch.tensor([0.15, 0.5, 0.0, 0.3]) / 0.95
     assert freq[2] == 0  # outside the nucleus: never drawn
     torch.testing.assert_close(freq, expected, atol=0.025, rtol=0)  # ~4 standard errors
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_continuous_batching_equals_one_batch_and_one_by_one(model, prompts, mode):
+    """Two slots for five prompts (rows ending at eos at different steps, so slots are refilled
+    at different times and the batch then shrinks): the same tokens as every prompt in one batch
+    and as each alone; progress counts every row once."""
+    config = SamplingConfig(NEW, seed=3, **(SAMPLED if mode == "sampled" else {}))
+    full = sample(model, prompts, config, eos_token_id=None)
+    eos = next(t for t in full[0][1:-1] if any(t not in r for r in full[1:]))
+    whole = sample(model, prompts, config, eos_token_id=eos)
+    assert len({len(r) for r in whole}) > 1  # rows end at different steps
+    done: list[int] = []
+    for slots in (1, 2, 4):
+        slotted = sample(
+            model, prompts, config, eos_token_id=eos, batch_size=slots, progress=done.append
+        )
+        assert slotted == whole
+        assert sum(done) == len(prompts)
+        done.clear()
+    assert whole == one_by_one(model, prompts, config, eos_token_id=eos)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        sample(model, prompts, config, eos_token_id=eos, batch_size=0)
+
+
+def test_fit_window_writes_what_fits_in_the_window(model):
+    """`fit_window`: a prompt that leaves fewer than max_new_tokens positions writes exactly
+    what fits (its last token never fed back), the others their max_new_tokens; the same as
+    each row alone with its own budget."""
+    window = model.config.max_seq_len
+    long, short = list(range(3, 3 + window - 5)), [5, 6, 7]
+    config = SamplingConfig(10)
+    out = sample(model, [long, short], config, eos_token_id=None, fit_window=True, batch_size=1)
+    assert [len(r) for r in out] == [6, 10]
+    assert out[0] == sample(model, [long], SamplingConfig(6), eos_token_id=None)[0]
+    assert out[1] == sample(model, [short], config, eos_token_id=None)[0]
+    with pytest.raises(ValueError, match="fills the window"):
+        sample(model, [list(range(window + 1))], config, eos_token_id=None, fit_window=True)
+
+
+@pytest.fixture
+def fresh_compile():
+    """A fresh compiled step (and dynamo state) for the test, and after it."""
+    sampling._COMPILED.clear()
+    torch._dynamo.reset()
+    yield
+    sampling._COMPILED.clear()
+    torch._dynamo.reset()
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(prompts, fresh_compile, caplog):
+    """The decode step through torch.compile (inductor's C++ kernels), on the DeepSeek-V3 layout
+    (MLA's absorbed attention, the MoE's dense decode path): the same greedy tokens as eager
+    decoding on every row, twice (the compiled step is reused), and no fallback warning. (One
+    batch shape, so one compile: the full evaluation's tokens are compared in `bench generate`.)"""
+    torch.manual_seed(0)
+    model = CausalLM(debug_config(V, "moe")).float().eval()
+    config = SamplingConfig(NEW)
+    eager = sample(model, prompts, config, eos_token_id=None)
+    with caplog.at_level("WARNING", logger="tinyreason.sampling"):
+        for _ in range(2):
+            assert sample(model, prompts, config, eos_token_id=None, compile=True) == eager
+    assert sampling._COMPILED[0] is not None
+    assert not [r for r in caplog.records if "without torch.compile" in r.message]
+
+
+def test_compile_unavailable_falls_back_to_eager_and_says_so_once(prompts, fresh_compile, caplog):
+    """No C++ compiler for inductor (a path that does not exist, no cached kernels): decoding
+    falls back to the eager step, gives its tokens, and warns once."""
+    from torch._inductor import config as inductor
+
+    torch.manual_seed(0)
+    model = CausalLM(debug_config(V, "dense")).float().eval()
+    config = SamplingConfig(6)
+    eager = sample(model, prompts, config, eos_token_id=None)
+    no_compiler = {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+    with inductor.patch(no_compiler), caplog.at_level("WARNING", logger="tinyreason.sampling"):
+        first = sample(model, prompts, config, eos_token_id=None, compile=True)
+        second = sample(model, prompts, config, eos_token_id=None, compile=True)
+    assert first == second == eager
+    warnings = [r for r in caplog.records if "without torch.compile" in r.message]
+    assert len(warnings) == 1

@@ -11,7 +11,8 @@ exact match overall / per kind / per language, the share with no parsable answer
 completion length and tokens/s; with `num_samples > 1` also pass@k by the unbiased estimator
 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, arXiv 2107.03374). `speculative` drafts the greedy
 completions with the model's MTP module (`tinyreason.speculative`: the same tokens, fewer main
-forwards) and reports the drafts' acceptance rate; pass@k samples stay plain sampling.
+forwards) and reports the drafts' acceptance rate; its pass@k samples are drafted too (speculative
+sampling: the same distribution). `compile` runs the plain decoder's step through torch.compile.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason.data import synthetic
@@ -149,12 +153,16 @@ class EvalOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    speculative: bool = False  # greedy completions drafted by the MTP module (needs mtp.depth >= 1)
+    speculative: bool = False  # completions drafted by the MTP module (needs mtp.depth >= 1)
+    compile: bool = (
+        False  # decode steps through torch.compile (falls back to eager, with a warning)
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", tuple(self.k))
-        if not isinstance(self.speculative, bool):
-            raise ValueError(f"eval.speculative must be true or false, got {self.speculative!r}")
+        for key in ("speculative", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"eval.{key} must be true or false, got {getattr(self, key)!r}")
         if self.num_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 "eval.num_samples, eval.batch_size and eval.max_new_tokens must be >= 1, got "
@@ -183,13 +191,71 @@ def complete(
     batch_size: int,
     seed_offset: int = 0,
     speculative: SpeculativeStats | None = None,
+    progress: str | None = None,
+    compile: bool = False,
 ) -> tuple[list[str], list[int]]:
-    """(completions, their token counts), prompts batched longest-first (less padding). Greedy
-    with `speculative` (a stats object it adds to): MTP-drafted, the same completions."""
+    """(completions, their token counts): `batch_size` rows decode at once, a finished row's slot
+    taking the next question (continuous batching, `sampling.sample`; `compile`: its decode step
+    compiled). With `speculative` (a stats object it adds to): MTP-drafted, the same greedy
+    completions, or samples of the same distribution. `progress`: a label to show progress
+    under (a bar on a terminal, else a log line per tenth)."""
     prompts = [_prompt(tokenizer, q) for q in questions]
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+    seeds = [config.seed + seed_offset + i for i in range(len(prompts))]
+    with _progress(len(prompts), progress) as bar:
+        if speculative is not None:
+            new = _speculative_batches(
+                model, prompts, config, batch_size, speculative, seeds, special, bar
+            )
+        else:
+            new = sample(
+                model,
+                prompts,
+                config,
+                **special,
+                seeds=seeds,
+                batch_size=batch_size,
+                progress=bar,
+                fit_window=True,
+                compile=compile,
+            )
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+    return texts, [len(ids) for ids in new]
+
+
+@contextmanager
+def _progress(total: int, label: str | None):
+    """A callback `done(k)` for k more finished rows: a tqdm bar on a terminal, a log line per
+    tenth of the rows otherwise (a log file), nothing without a label."""
+    if label is None:
+        yield None
+        return
+    if sys.stderr.isatty():
+        with tqdm(total=total, desc=label, unit="problem", leave=False, mininterval=0.5) as bar:
+            yield bar.update
+        return
+    start, done, shown = time.perf_counter(), 0, 0
+
+    def update(k: int) -> None:
+        nonlocal done, shown
+        done += k
+        if done * 10 // total > shown or done == total:
+            shown = done * 10 // total
+            log.info(
+                "%s: %d / %d answered (%.0f s)", label, done, total, time.perf_counter() - start
+            )
+
+    yield update
+
+
+def _speculative_batches(
+    model, prompts, config, batch_size, stats, seeds, special, progress
+) -> list[list[int]]:
+    """MTP-drafted completions (greedy, or sampled with the same distribution), longest prompts
+    first, `batch_size` at a time."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     limit = model.config.max_seq_len
-    texts, lengths = [""] * len(prompts), [0] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = [prompts[i] for i in rows]
@@ -197,18 +263,14 @@ def complete(
         if room < 1:
             raise ValueError(f"a prompt of {max(len(p) for p in batch)} tokens fills the window")
         cfg = SamplingConfig(min(config.max_new_tokens, room), *_rest(config))
-        special = dict(
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0
-        )
-        if speculative is not None:
-            new = speculative_sample(model, batch, cfg, **special, stats=speculative)
-        else:
-            seeds = [config.seed + seed_offset + i for i in rows]
-            new = sample(model, batch, cfg, **special, seeds=seeds)
-        for i, ids in zip(rows, new, strict=True):
-            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
-            lengths[i] = len(ids)
-    return texts, lengths
+        kw = dict(stats=stats, seeds=[seeds[i] for i in rows])
+        for i, ids in zip(
+            rows, speculative_sample(model, batch, cfg, **special, **kw), strict=True
+        ):
+            out[i] = ids
+        if progress is not None:
+            progress(len(rows))
+    return out
 
 
 def _rest(config: SamplingConfig) -> tuple:
@@ -220,15 +282,19 @@ def evaluate_items(
     tokenizer: PreTrainedTokenizerFast,
     items: list[Item],
     options: EvalOptions = EvalOptions(),
+    label: str | None = None,
 ) -> tuple[dict, list[dict]]:
-    """(report, one record per item) for greedy exact match, plus pass@k when num_samples > 1."""
+    """(report, one record per item) for greedy exact match, plus pass@k when num_samples > 1.
+    `label`: show progress under this name (`complete`)."""
     if options.speculative:  # before any generation
         check_speculative(model.config)
     start = time.perf_counter()
     greedy = SamplingConfig(options.max_new_tokens)
     drafts = SpeculativeStats() if options.speculative else None
     questions = [it.question for it in items]
-    texts, lengths = complete(model, tokenizer, questions, greedy, options.batch_size, 0, drafts)
+    texts, lengths = complete(
+        model, tokenizer, questions, greedy, options.batch_size, 0, drafts, label, options.compile
+    )
     seconds = time.perf_counter() - start
     correct = [it.check(t) for it, t in zip(items, texts, strict=True)]
     records = [
@@ -276,7 +342,10 @@ def _pass_at_k(
         options.max_new_tokens, options.temperature, options.top_p, options.top_k, options.seed
     )
     questions = [it.question for it in items for _ in range(n)]
-    texts, _ = complete(model, tokenizer, questions, config, options.batch_size)
+    drafts = SpeculativeStats() if options.speculative else None
+    texts, _ = complete(
+        model, tokenizer, questions, config, options.batch_size, 0, drafts, None, options.compile
+    )
     counts = []
     for i, (it, rec) in enumerate(zip(items, records, strict=True)):
         samples = texts[i * n : (i + 1) * n]
@@ -378,7 +447,7 @@ def run_evaluation(model, tokenizer, sets: dict[str, list], options: EvalOptions
     """Evaluate every set; write eval.json and completions.jsonl to `out` when given."""
     reports, lines = {}, []
     for name, items in sets.items():
-        report, records = evaluate_items(model, tokenizer, items, options)
+        report, records = evaluate_items(model, tokenizer, items, options, label=name)
         reports[name] = report
         lines += [json.dumps({"split": name, **r}, ensure_ascii=False) for r in records]
         log.info(summary(name, report))

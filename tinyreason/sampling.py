@@ -15,13 +15,18 @@ Shape legend: B batch (rows still running), P longest prompt, T positions so far
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason.model import CausalLM
-from tinyreason.model.attention import KVCache
+from tinyreason.model.attention import SlotCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,16 +69,26 @@ def filter_probs(logits_BV: torch.Tensor, config: SamplingConfig) -> torch.Tenso
     return probs_BV
 
 
+def draw(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Tokens [B] by inverse CDF: row b takes the first token whose cumulative probability
+    reaches u_B[b] (uniform in [0, 1)) times the row's total (so unnormalised rows work too)."""
+    cdf_BV = probs_BV.cumsum(dim=-1)
+    token_B = torch.searchsorted(cdf_BV, u_B.to(cdf_BV.device)[:, None] * cdf_BV[:, -1:])
+    return token_B.squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
+
+
+def uniforms(generators: list[torch.Generator], n: int = 1) -> torch.Tensor:
+    """[B, n] uniforms, row b from its own generator (what makes a row's draws independent of
+    the batch it is in)."""
+    return torch.stack([torch.rand(n, generator=g, device=g.device) for g in generators])
+
+
 def _pick(
     logits_BV: torch.Tensor, config: SamplingConfig, generators: list[torch.Generator]
 ) -> torch.Tensor:
     if config.greedy:
         return logits_BV.float().argmax(dim=-1)
-    probs_BV = filter_probs(logits_BV, config)
-    u_B1 = torch.stack([torch.rand(1, generator=g, device=g.device) for g in generators])
-    cdf_BV = probs_BV.cumsum(dim=-1)
-    token_B = torch.searchsorted(cdf_BV, u_B1.to(cdf_BV.device) * cdf_BV[:, -1:]).squeeze(-1)
-    return token_B.clamp(max=probs_BV.shape[-1] - 1)
+    return draw(filter_probs(logits_BV, config), uniforms(generators)[:, 0])
 
 
 @torch.no_grad()
@@ -86,16 +101,47 @@ def sample(
     pad_token_id: int = 0,
     use_cache: bool = True,
     seeds: list[int] | None = None,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    fit_window: bool = False,
+    compile: bool = False,
 ) -> list[list[int]]:
-    """New token ids for each prompt (ending at the first eos, included, or at max_new_tokens)."""
-    check_prompts(model, prompts, config.max_new_tokens)
+    """New token ids for each prompt (ending at the first eos, included, or at max_new_tokens).
+
+    `batch_size` rows decode at once (default: every prompt); `progress(k)` is called as k more
+    rows finish. `fit_window`: a row whose prompt leaves less room than max_new_tokens in the
+    model's window writes what fits instead of being refused. `compile`: decode steps through
+    `torch.compile` (`compiled_step`; the same tokens, up to float summation order)."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 (or None: every prompt at once)")
+    limits = [config.max_new_tokens] * len(prompts)
+    if fit_window:
+        room = model.config.max_seq_len + 1
+        limits = [min(config.max_new_tokens, room - len(p)) for p in prompts]
+        if min(limits, default=1) < 1:
+            raise ValueError(f"a prompt of {max(map(len, prompts))} tokens fills the window")
+    check_prompts(model, prompts, 1 if fit_window else config.max_new_tokens)
     model.eval()
     device = next(model.parameters()).device
     seeds = seeds if seeds is not None else [config.seed + i for i in range(len(prompts))]
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     if use_cache:
-        return _sample_cached(model, prompts, config, eos_token_id, pad_token_id, generators)
-    return _sample_uncached(model, prompts, config, eos_token_id, generators)
+        return _sample_cached(
+            model,
+            prompts,
+            config,
+            limits,
+            eos_token_id,
+            pad_token_id,
+            generators,
+            batch_size,
+            progress,
+            compile,
+        )
+    out = _sample_uncached(model, prompts, config, limits, eos_token_id, generators)
+    if progress is not None:
+        progress(len(out))
+    return out
 
 
 def check_prompts(model: CausalLM, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -134,68 +180,161 @@ def prefill_mask(real_BP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_B1PP, (real_BP.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# Decode steps attend to the first `view` cache columns, rounded up to a multiple of this: a
+# handful of shapes per call (what a compiled step is specialised on), little attention wasted.
+VIEW_BUCKET = 32
+
+
 def _sample_cached(
     model: CausalLM,
     prompts: list[list[int]],
     config: SamplingConfig,
+    limits: list[int],
     eos: int | None,
     pad: int,
     generators: list[torch.Generator],
+    batch_size: int | None,
+    progress: Callable[[int], None] | None,
+    compile: bool = False,
 ) -> list[list[int]]:
+    """Continuous batching: `batch_size` slots decode together; a slot whose row ends takes the
+    next prompt (prefilled once enough slots are free), so the batch stays full until the
+    prompts run out, and then shrinks as rows end."""
     device = next(model.parameters()).device
-    ids_BP, real_BP = left_pad(prompts, pad, device)
-    B, P = ids_BP.shape
-    capacity = P + config.max_new_tokens
-    cache = KVCache(len(model.layers), capacity=capacity)
-    keys_BT = torch.zeros(B, capacity, dtype=torch.bool, device=device)  # attendable positions
-    keys_BT[:, :P] = real_BP
-    mask_B1PP, positions_BP = prefill_mask(real_BP)
-    logits_BV = model(ids_BP, cache=cache, position_ids=positions_BP, attn_mask=mask_B1PP).logits[
-        :, -1
-    ]
-    next_pos_B = real_BP.sum(-1)
-    rows = torch.arange(B, device=device)  # original index of each running row
+    n = len(prompts)
+    B = min(batch_size or n, n)
+    refill_at = max(1, B // 8)  # prefill this many new prompts at once (or whatever is left)
+    capacity = max(len(p) + k - 1 for p, k in zip(prompts, limits, strict=True))  # last: not fed
+    cache = SlotCache(len(model.layers), B, capacity)
+    queue = deque(range(n))
+    held = [-1] * B  # the prompt each slot decodes, -1 = free
+    token_B = torch.zeros(B, dtype=torch.long, device=device)  # the next input of each slot
+    pos_B = torch.zeros(B, dtype=torch.long, device=device)  # its position (= its cache column)
     out: list[list[int]] = [[] for _ in prompts]
-    for step in range(config.max_new_tokens):
-        token_B = _pick(logits_BV, config, [generators[i] for i in rows.tolist()])
-        for i, t in zip(rows.tolist(), token_B.tolist(), strict=True):
-            out[i].append(t)
-        running_B = (
-            token_B != eos if eos is not None else torch.ones_like(token_B, dtype=torch.bool)
-        )
-        if step == config.max_new_tokens - 1 or not running_B.any():
-            break
-        keys_BT[:, P + step] = True
-        if not running_B.all():  # finished rows leave the batch
-            keep = running_B.nonzero().squeeze(-1)
+    columns = torch.arange(capacity, device=device)
+    step = compiled_step() if compile else decode_step
+
+    def emit(slot: int, token: int) -> None:
+        i = held[slot]
+        out[i].append(token)
+        if token == eos or len(out[i]) == limits[i]:
+            held[slot] = -1
+            if progress is not None:
+                progress(1)
+
+    while True:
+        free = [s for s, i in enumerate(held) if i < 0]
+        while queue and free and (len(free) >= min(refill_at, len(queue)) or len(free) == B):
+            slots = free[: len(queue)]
+            rows = [queue.popleft() for _ in slots]
+            for s, i in zip(slots, rows, strict=True):
+                held[s] = i
+            firsts = _prefill(model, cache, [prompts[i] for i in rows], slots, pad, device)
+            first_B = _pick(firsts, config, [generators[i] for i in rows])
+            slots_t = torch.tensor(slots, device=device)
+            token_B[slots_t] = first_B
+            pos_B[slots_t] = torch.tensor([len(prompts[i]) for i in rows], device=device)
+            for s, t in zip(slots, first_B.tolist(), strict=True):
+                emit(s, t)
+            free = [s for s, i in enumerate(held) if i < 0]
+        busy = [s for s, i in enumerate(held) if i >= 0]
+        if not busy:
+            return out
+        if not queue and len(busy) <= len(held) // 2:  # the tail: the batch shrinks
+            keep = torch.tensor(busy, device=device)
             cache.select(keep)
-            rows, token_B, next_pos_B = rows[keep], token_B[keep], next_pos_B[keep]
-            keys_BT = keys_BT[keep]
-        T = P + step + 1
-        logits_BV = model(
-            token_B[:, None],
-            cache=cache,
-            position_ids=next_pos_B[:, None],
-            attn_mask=keys_BT[:, None, None, :T],
-        ).logits[:, -1]
-        next_pos_B = next_pos_B + 1
-    return out
+            token_B, pos_B, held = token_B[keep], pos_B[keep], [held[s] for s in busy]
+            busy = list(range(len(held)))
+        view = min(capacity, -(-(int(pos_B.max()) + 1) // VIEW_BUCKET) * VIEW_BUCKET)
+        logits_BV = step(model, cache.decode(pos_B, view), token_B, pos_B, columns[:view])
+        if len(busy) < len(held):  # free slots ran too (a fixed shape); their logits go
+            busy_t = torch.tensor(busy, device=device)
+            token_B[busy_t] = _pick(logits_BV[busy_t], config, [generators[held[s]] for s in busy])
+        else:
+            token_B = _pick(logits_BV, config, [generators[i] for i in held])
+        for s, t in zip(busy, token_B[busy].tolist(), strict=True):
+            emit(s, t)
+        # a free slot writes its (ignored) token at column 0 until a prompt fills it
+        running_B = torch.tensor([i >= 0 for i in held], device=device)
+        pos_B = torch.where(running_B, pos_B + 1, 0)
+
+
+def decode_step(
+    model: CausalLM,
+    cache: SlotCache,
+    token_B: torch.Tensor,
+    pos_B: torch.Tensor,
+    columns_T: torch.Tensor,
+) -> torch.Tensor:
+    """One token per slot at its position -> the next logits [B, V]; a slot attends to the
+    cache columns up to its position."""
+    mask_B11T = (columns_T <= pos_B[:, None])[:, None, None]
+    return model(
+        token_B[:, None], cache=cache, position_ids=pos_B[:, None], attn_mask=mask_B11T
+    ).logits[:, -1]
+
+
+_COMPILED: list = []  # [the compiled decode_step] once built; [None] where compile failed
+
+
+def compiled_step() -> Callable[..., torch.Tensor]:
+    """`decode_step` through `torch.compile` (inductor: C++/OpenMP kernels on CPU, Triton on
+    CUDA), or `decode_step` itself, with one warning, where compile is not available. Shapes:
+    the first call compiles for its batch and view; a second view marks that dimension
+    dynamic (torch's automatic dynamic shapes), so a run compiles about twice in all."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(decode_step, dynamic=None))
+    compiled = _COMPILED[0]
+    if compiled is None:
+        return decode_step
+
+    def step(*args) -> torch.Tensor:
+        try:
+            return compiled(*args)
+        except Exception as e:  # no C++ compiler, an unsupported op: decode eagerly
+            if _COMPILED[0] is not None:
+                log.warning("decoding without torch.compile (it failed: %s)", str(e)[:300])
+            _COMPILED[0] = None
+            return decode_step(*args)
+
+    return step
+
+
+def _prefill(
+    model: CausalLM,
+    cache: SlotCache,
+    prompts: list[list[int]],
+    slots: list[int],
+    pad: int,
+    device,
+) -> torch.Tensor:
+    """Run new prompts (right-padded) into their slots' cache columns 0..len-1; -> the logits
+    [N, V] after each one's last token."""
+    L = max(map(len, prompts))
+    ids_NL = torch.full((len(prompts), L), pad, dtype=torch.long, device=device)
+    for j, p in enumerate(prompts):
+        ids_NL[j, : len(p)] = torch.tensor(p, device=device)
+    last_N = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    rows = torch.tensor(slots, device=device)
+    out = model(ids_NL, cache=cache.prefill(rows), logits_at=last_N)
+    return out.logits[:, 0]
 
 
 def _sample_uncached(
     model: CausalLM,
     prompts: list[list[int]],
     config: SamplingConfig,
+    limits: list[int],
     eos: int | None,
     generators: list[torch.Generator],
 ) -> list[list[int]]:
     """The reference: each row alone, the whole prefix recomputed every step."""
     device = next(model.parameters()).device
     out = []
-    for prompt, generator in zip(prompts, generators, strict=True):
+    for prompt, generator, limit in zip(prompts, generators, limits, strict=True):
         seq = torch.tensor([prompt], device=device)
         new: list[int] = []
-        for _ in range(config.max_new_tokens):
+        for _ in range(limit):
             token = int(_pick(model(seq).logits[:, -1], config, [generator])[0])
             new.append(token)
             if token == eos:

@@ -36,7 +36,16 @@ import torch
 
 from tinyreason.model import CausalLM, ModelConfig
 from tinyreason.model.attention import KVCache, LayerCache
-from tinyreason.sampling import SamplingConfig, check_prompts, left_pad, prefill_mask
+from tinyreason.sampling import (
+    SamplingConfig,
+    _pick,
+    check_prompts,
+    draw,
+    filter_probs,
+    left_pad,
+    prefill_mask,
+    uniforms,
+)
 
 
 @dataclass
@@ -83,38 +92,81 @@ def speculative_sample(
     pad_token_id: int = 0,
     use_cache: bool = True,
     stats: SpeculativeStats | None = None,
+    seeds: list[int] | None = None,
 ) -> list[list[int]]:
-    """`sampling.sample(model, prompts, config, ...)` at temperature 0, MTP-drafted: the same new
-    token ids for each prompt. `stats` (if given) counts drafts, acceptances and forwards."""
+    """`sampling.sample(model, prompts, config, ...)`, MTP-drafted: at temperature 0 the same
+    new token ids for each prompt; above it, tokens with the same distribution (row i draws
+    from a generator seeded with seeds[i], default config.seed + i). `stats` (if given) counts
+    drafts, acceptances and forwards."""
     check_speculative(model.config)
-    if not config.greedy:
-        raise ValueError(
-            f"speculative decoding is greedy only: temperature={config.temperature} > 0 (sample "
-            "with tinyreason.sampling.sample instead)"
-        )
     check_prompts(model, prompts, config.max_new_tokens)
     model.eval()
     stats = stats if stats is not None else SpeculativeStats()
+    device = next(model.parameters()).device
+    seeds = seeds if seeds is not None else [config.seed + i for i in range(len(prompts))]
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     decode = _cached if use_cache else _uncached
-    out = decode(model, prompts, config.max_new_tokens, eos_token_id, pad_token_id, stats)
+    out = decode(model, prompts, config, eos_token_id, pad_token_id, stats, generators)
     stats.new_tokens += sum(map(len, out))
     return out
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().argmax(dim=-1)
+class _Verifier:
+    """The accept / reject rule of one verification, for a batch of rows.
+
+    Greedy: the draft is the MTP head's argmax; it is accepted when it equals the main model's
+    argmax g0 after x_n, and then g1, the argmax after the draft, comes free.
+    Sampling (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023, arXiv 2302.01318):
+    the draft d ~ q (the MTP head's distribution, filtered like the main one) is accepted with
+    probability min(1, p(d) / q(d)), p the main model's distribution after x_n; on acceptance
+    the bonus token comes from p after d; on rejection the token comes from the residual
+    max(0, p - q), renormalised. Every kept token is then distributed as plain sampling's. A
+    row that needs only one more token ignores its draft and samples from p. Each row draws
+    three uniforms per verification from its own generator (draft, accept, token)."""
+
+    def __init__(self, config: SamplingConfig, generators: list[torch.Generator]) -> None:
+        self.config, self.generators = config, generators
+
+    def draft(self, mtp_logits_BV: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if self.config.greedy:
+            return mtp_logits_BV.float().argmax(dim=-1)
+        self.u_B3 = uniforms([self.generators[i] for i in rows], 3)
+        self.q_BV = filter_probs(mtp_logits_BV, self.config)
+        return draw(self.q_BV, self.u_B3[:, 0])
+
+    def verify(
+        self, logits_B2V: torch.Tensor, draft_B: torch.Tensor, usable_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(accepted [B], g0 [B]: the token after x_n on rejection, g1 [B]: the one after an
+        accepted draft)."""
+        if self.config.greedy:
+            g_B2 = logits_B2V.float().argmax(dim=-1)
+            return (g_B2[:, 0] == draft_B) & usable_B, g_B2[:, 0], g_B2[:, 1]
+        u_B3, q_BV = self.u_B3.to(draft_B.device), self.q_BV
+        p1_BV = filter_probs(logits_B2V[:, 0], self.config)
+        p2_BV = filter_probs(logits_B2V[:, 1], self.config)
+        rows = torch.arange(len(draft_B), device=draft_B.device)
+        p_d, q_d = p1_BV[rows, draft_B], q_BV[rows, draft_B]
+        accepted_B = (u_B3[:, 1] * q_d <= p_d) & usable_B
+        residual_BV = (p1_BV - q_BV).clamp(min=0)
+        # p == q leaves no residual (and then no rejection); a row without a usable draft: p
+        plain_B = (residual_BV.sum(-1) <= 0) | ~usable_B
+        residual_BV = torch.where(plain_B[:, None], p1_BV, residual_BV)
+        return accepted_B, draw(residual_BV, u_B3[:, 2]), draw(p2_BV, u_B3[:, 2])
 
 
 def _cached(
     model: CausalLM,
     prompts: list[list[int]],
-    max_new: int,
+    config: SamplingConfig,
     eos: int | None,
     pad: int,
     stats: SpeculativeStats,
+    generators: list[torch.Generator],
 ) -> list[list[int]]:
     device = next(model.parameters()).device
-    limit = model.config.max_seq_len
+    limit, max_new = model.config.max_seq_len, config.max_new_tokens
+    rule = _Verifier(config, generators)
     ids_BP, real_BP = left_pad(prompts, pad, device)
     B, P = ids_BP.shape
     capacity = P + 2 * (max_new - 1)  # the prefill, then two slots per verification
@@ -124,7 +176,7 @@ def _cached(
     keys_BT[:, :P] = real_BP
     mask_B1PP, positions_BP = prefill_mask(real_BP)
     main = model(ids_BP, cache=cache, position_ids=positions_BP, attn_mask=mask_B1PP)
-    token_B = _argmax(main.logits[:, -1])  # chosen, not yet fed
+    token_B = _pick(main.logits[:, -1], config, generators)  # chosen, not yet fed
     stats.row_forwards += B
     # The MTP block's next input: (h^0, the token after each slot, positions, mask) of the slots
     # the main model just wrote, and `take_B`, the slot whose h^1 drafts (the last kept token's).
@@ -147,7 +199,8 @@ def _cached(
             keys_BT, mtp_in = keys_BT[keep], tuple(t[keep] for t in mtp_in)
         h_BSD, next_BS, positions_BS, mask_B1ST = mtp_in
         h1_BSD = model.mtp_hidden(h_BSD, next_BS, mtp_cache, positions_BS, mask_B1ST)
-        draft_B = _argmax(model.lm_head(h1_BSD[torch.arange(len(rows), device=device), take_B]))
+        here = torch.arange(len(rows), device=device)
+        draft_B = rule.draft(model.lm_head(h1_BSD[here, take_B]), rows.tolist())
 
         T = cache.length + 2
         keys_BT[:, T - 2 : T] = True
@@ -160,27 +213,29 @@ def _cached(
             position_ids=positions_B2,
             attn_mask=keys_BT[:, None, None, :T] & causal_2T,
         )
-        greedy_B2 = _argmax(main.logits)
         usable_B = torch.tensor([max_new - len(out[i]) >= 2 for i in rows.tolist()], device=device)
-        accept_B = (greedy_B2[:, 0] == draft_B) & usable_B
+        accept_B, g0_B, g1_B = rule.verify(main.logits, draft_B, usable_B)
         keys_BT[:, T - 1] = accept_B  # a rejected draft's slot becomes a hole
         stats.drafted += int(usable_B.sum())
         stats.accepted += int(accept_B.sum())
         stats.row_forwards += len(rows)
         kept = zip(
-            rows.tolist(), accept_B.tolist(), draft_B.tolist(), greedy_B2.tolist(), strict=True
+            rows.tolist(),
+            accept_B.tolist(),
+            draft_B.tolist(),
+            g0_B.tolist(),
+            g1_B.tolist(),
+            strict=True,
         )
-        for i, accepted, draft, (g0, g1) in kept:
+        for i, accepted, draft, g0, g1 in kept:
             for t in [draft, g1] if accepted else [g0]:
                 out[i].append(t)
                 if t == eos:
                     break
-        token_B = torch.where(accept_B, greedy_B2[:, 1], greedy_B2[:, 0])
+        token_B = torch.where(accept_B, g1_B, g0_B)
         # MTP slots of this step: after an accepted draft (x_n, d) -> d and g1 follow them; after
         # a rejected one x_n -> g0 follows, and the hole's slot is computed and never attended.
-        after_B2 = torch.stack(
-            [torch.where(accept_B, draft_B, greedy_B2[:, 0]), greedy_B2[:, 1]], 1
-        )
+        after_B2 = torch.stack([torch.where(accept_B, draft_B, g0_B), g1_B], 1)
         mtp_in = (main.hidden, after_B2, positions_B2, keys_BT[:, None, None, :T] & causal_2T)
         take_B = accept_B.long()
         next_pos_B = next_pos_B + 1 + accept_B.long()
@@ -190,36 +245,42 @@ def _cached(
 def _uncached(
     model: CausalLM,
     prompts: list[list[int]],
-    max_new: int,
+    config: SamplingConfig,
     eos: int | None,
     pad: int,
     stats: SpeculativeStats,
+    generators: list[torch.Generator],
 ) -> list[list[int]]:
     """The reference: each row alone, the main model and the MTP block recomputed over the whole
-    sequence every step, no cache, no mask."""
+    sequence every step, no cache, no mask; the same draws from the row's generator."""
     device = next(model.parameters()).device
+    max_new = config.max_new_tokens
     outs = []
-    for prompt in prompts:
-        seq, new, draft = list(prompt), [], None
-        while True:
-            main = model(torch.tensor([seq + ([] if draft is None else [draft])], device=device))
-            stats.row_forwards += 1
-            greedy = _argmax(main.logits[0, len(seq) - 1 :]).tolist()  # after seq, after draft
-            accepted = draft is not None and greedy[0] == draft
-            stats.drafted += draft is not None
-            stats.accepted += accepted
-            for t in [draft, greedy[1]] if accepted else greedy[:1]:
-                new.append(t)
-                seq.append(t)
-                if t == eos or len(new) == max_new:
-                    break
-            if new[-1] == eos or len(new) == max_new:
-                break
+    for prompt, generator in zip(prompts, generators, strict=True):
+        rule = _Verifier(config, [generator])
+        seq = list(prompt)
+        main = model(torch.tensor([seq], device=device))
+        stats.row_forwards += 1
+        new = [int(_pick(main.logits[:, -1], config, [generator])[0])]
+        seq.append(new[-1])
+        while new[-1] != eos and len(new) < max_new:
             # h^0 of every slot whose token was kept, each with the token after it; h^1 of the
             # last drafts the token after seq[-1]
             m = len(seq)
+            main = model(torch.tensor([seq[:-1]], device=device))
             next_ids = torch.tensor([seq[1:m]], device=device)
-            h1 = model.mtp_hidden(main.hidden[:, : m - 1], next_ids)[:, -1]
-            draft = int(_argmax(model.lm_head(h1))[0]) if max_new - len(new) >= 2 else None
+            h1 = model.mtp_hidden(main.hidden, next_ids)[:, -1]
+            draft = rule.draft(model.lm_head(h1), [0])
+            main = model(torch.tensor([seq + [int(draft[0])]], device=device))
+            stats.row_forwards += 1
+            usable = torch.tensor([max_new - len(new) >= 2], device=device)
+            accepted, g0, g1 = rule.verify(main.logits[:, m - 1 :], draft, usable)
+            stats.drafted += int(usable[0])
+            stats.accepted += int(accepted[0])
+            for t in [int(draft[0]), int(g1[0])] if accepted[0] else [int(g0[0])]:
+                new.append(t)
+                seq.append(t)
+                if t == eos:
+                    break
         outs.append(new)
     return outs

@@ -1,6 +1,9 @@
 """`python -m tinyreason.bench generate [ckpt=<run dir | HF folder>] [key=value ...] [--options]`:
-new tokens/s of our batched KV-cached sampler (`tinyreason.sampling.sample`) vs transformers'
-`generate` on the same Hugging Face export, greedy, at several batch sizes, in one process.
+new tokens/s of our batched KV-cached sampler (`tinyreason.sampling.sample`, eager and with its
+decode step compiled) vs transformers' `generate` on the same Hugging Face export, greedy, at
+several batch sizes, in one process. At batch b ours decodes the prompts with b slots (a finished
+row's slot takes the next prompt); transformers' `generate` takes them b at a time. The compiled
+step is compiled before the timed rounds (its compile time is printed, not counted).
 
 Without `ckpt=`: a randomly initialised model of the composed training config (CPU default
 `model=moe`, MTP off; key=value overrides as for `tinyreason.train`) with the vocabulary of its BPE
@@ -43,7 +46,7 @@ from tinyreason.sampling import SamplingConfig, sample
 from tinyreason.speculative import SpeculativeStats, speculative_sample
 from tinyreason.training.perf import matmul_flops
 
-WHO = ("ours", "theirs")
+WHO = ("ours", "compiled", "theirs")
 
 
 def random_export(overrides: list[str], out: Path) -> Path:
@@ -74,11 +77,13 @@ def bench_prompts(tokenizer, n: int) -> list[list[int]]:
     return sorted(prompts, key=len, reverse=True)
 
 
-def run_ours(model, batches, max_new: int, eos, pad) -> list[list[int]]:
+def run_ours(model, batches, max_new: int, eos, pad, compile: bool = False) -> list[list[int]]:
+    """Every prompt of `batches` through `sample` with as many slots as a batch holds (a finished
+    row's slot takes the next prompt: continuous batching)."""
     config = SamplingConfig(max_new_tokens=max_new)
-    return [
-        r for b in batches for r in sample(model, b, config, eos_token_id=eos, pad_token_id=pad)
-    ]
+    prompts = [p for b in batches for p in b]
+    kw = dict(eos_token_id=eos, pad_token_id=pad, batch_size=len(batches[0]), compile=compile)
+    return sample(model, prompts, config, **kw)
 
 
 def run_speculative(model, batches, max_new: int, eos, pad, stats) -> list[list[int]]:
@@ -164,9 +169,14 @@ def bench_generate(
     for b in batch_sizes:
         use = prompts[: min(batch1_prompts, len(prompts))] if b == 1 else prompts
         runs[b] = [use[i : i + b] for i in range(0, len(use), b)]
-    # warm-up of both on the smallest batch
+    # warm-up of both on the smallest batch; the compiled step is compiled here, untimed (the
+    # first batch size compiles it, the second one marks the dimensions that changed dynamic)
     run_ours(ours, runs[batch_sizes[0]][:1], 2, eos, pad)
     run_theirs(hf, hf_tok, runs[batch_sizes[0]][:1], 2, eos, pad)
+    start = time_of()
+    for b in batch_sizes:
+        run_ours(ours, runs[b], max_new_tokens, eos, pad, compile=True)
+    compile_seconds = time_of() - start
     who = WHO if drafter is None else (*WHO, "speculative")
     if drafter is not None:
         run_speculative(drafter, runs[batch_sizes[0]][:1], 3, eos, pad, SpeculativeStats())
@@ -178,8 +188,9 @@ def bench_generate(
         peaks.append(matmul_flops(torch.float32, clock=time_of))
         for (b, w), rounds in times.items():
             start = time_of()
-            if w == "ours":
-                outputs[b, w] = run_ours(ours, runs[b], max_new_tokens, eos, pad)
+            if w in ("ours", "compiled"):
+                compiled = w == "compiled"
+                outputs[b, w] = run_ours(ours, runs[b], max_new_tokens, eos, pad, compiled)
             elif w == "speculative":  # greedy: the same counts every round, keep the last
                 drafts[b] = SpeculativeStats()
                 outputs[b, w] = run_speculative(
@@ -196,9 +207,10 @@ def bench_generate(
         med = {w: statistics.median(v) for w, v in tps.items()}
         identical = 1 - len(bad) / len(mine)
         new_tokens = sum(map(len, mine))
+        same = [a == c for a, c in zip(mine, outputs[b, "compiled"], strict=True)]
         rows.append(
             dict(batch=b, prompts=len(mine), new_tokens=new_tokens, identical=identical, **med)
-            | dict(mismatches=bad, rounds=tps)
+            | dict(mismatches=bad, rounds=tps, compiled_identical=sum(same) / len(same))
         )
         if drafter is not None:
             rows[-1]["speculative"] = _speculative_row(b, mine, outputs, times, drafts[b])
@@ -208,6 +220,7 @@ def bench_generate(
     experts = hf.config._experts_implementation
     result = dict(rows=rows, peak=peak, forward_flops=forward, context=context, steps={})
     result |= dict(ceiling=peak / forward, hf_experts=experts, threads=torch.get_num_threads())
+    result["compile_seconds"] = compile_seconds
     for b in sorted({1, max(batch_sizes)}) if steps else []:
         seconds, ops = decode_step(ours, prompts[:b], max_new_tokens, pad, time_of)
         result["steps"][b] = dict(seconds=seconds, ops=ops, flop_seconds=b * forward / peak)
@@ -262,21 +275,24 @@ def _first_diff(a: list[int], b: list[int]) -> int:
 
 def report(result: dict) -> str:
     lines = [
-        "| batch | prompts | new tokens | ours tokens/s | transformers tokens/s | ours / "
-        "transformers | identical rows | ours, transformers: % of ceiling |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | prompts | new tokens | ours tokens/s | ours compiled | transformers | ours / "
+        "transformers | compiled / transformers | identical rows (transformers, compiled) | "
+        "ours, compiled, transformers: % of ceiling |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        share = [f"{100 * r[w] / result['ceiling']:.2f}%" for w in WHO]
+        share = [f"{100 * r[w] / result['ceiling']:.1f}%" for w in WHO]
         lines.append(
             f"| {r['batch']} | {r['prompts']} | {r['new_tokens']:,} | {r['ours']:,.0f} | "
-            f"{r['theirs']:,.0f} | {r['ours'] / r['theirs']:.2f}x | {100 * r['identical']:.1f}% | "
-            f"{', '.join(share)} |"
+            f"{r['compiled']:,.0f} | {r['theirs']:,.0f} | {r['ours'] / r['theirs']:.2f}x | "
+            f"{r['compiled'] / r['theirs']:.2f}x | {100 * r['identical']:.1f}%, "
+            f"{100 * r['compiled_identical']:.1f}% | {', '.join(share)} |"
         )
     lines.append(
         f"\nceiling: {result['ceiling']:,.0f} new tokens/s at the fp32 matmul rate "
         f"{result['peak'] / 1e9:,.0f} GFLOP/s x {result['forward_flops'] / 1e6:.2f} MFLOP forward "
-        f"per token (flops_per_token / 3 at the mean context {result['context']:.0f})"
+        f"per token (flops_per_token / 3 at the mean context {result['context']:.0f}); "
+        f"compiling the decode step (untimed above): {result['compile_seconds']:.0f} s"
     )
     steps = result["steps"]
     for b, s in steps.items():
@@ -342,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(report(result))
     for r in result["rows"]:
-        for who, name in zip(WHO, ("ours", "transformers"), strict=True):
+        for who, name in zip(WHO, ("ours", "ours compiled", "transformers"), strict=True):
             rounds = ", ".join(f"{v:,.0f}" for v in r["rounds"][who])
             print(f"batch {r['batch']} {name}: rounds (tokens/s) {rounds}")
         if "speculative" in r:

@@ -138,8 +138,8 @@ class KVCache:
     """What attention keeps of the positions already processed, one `LayerCache` per main-model
     layer (MTP blocks do not run when decoding).
 
-    MLA keeps its normalised latent c^KV [B, T, C] and rotated shared key k^R [B, T, 1, R]
-    (eqs. 1, 3): the small cache that MLA exists for; K^C and V are expanded from the latent again
+    MLA keeps its normalised latent c^KV and rotated shared key k^R (eqs. 1, 3) side by side in
+    one tensor [B, T, C + R]: the small cache that MLA exists for; K^C and V are expanded from the latent again
     each step (the "naive" form HF computes). GQA keeps rotated keys and values [B, T, G, Q].
     `capacity` preallocates every layer for that many positions.
     """
@@ -155,6 +155,70 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
             layer.select(rows)
+
+
+class SlotCache:
+    """The KV cache of continuous batching (`tinyreason.sampling`): B slots, each holding one
+    sequence from column 0, with buffers [B, capacity, ...] per layer allocated once (zeroed: a
+    column nobody wrote is masked, and 0 * 0 adds nothing to p v where NaN garbage would).
+
+    Before each forward the sampler says what it writes: `prefill(rows)` (the new prompts of
+    slots `rows`, right-padded, take columns 0..S-1 and attend only to themselves: their pad
+    tokens come after every real one, so causality hides them) or `decode(columns, view)` (one
+    token per slot written at its own column, then every slot attends to its first `view`
+    columns, the attention mask hiding what lies beyond its sequence). Slots are refilled in
+    place; nothing is copied when a sequence ends, only `select` when the batch shrinks.
+    """
+
+    def __init__(self, num_layers: int, batch: int, capacity: int) -> None:
+        self.batch, self.capacity = batch, capacity
+        self.layers = [_SlotLayer(self) for _ in range(num_layers)]
+        self.rows: torch.Tensor | None = None
+        self.columns: torch.Tensor | None = None
+        self.view = 0
+
+    length = 0  # the positions come from `position_ids` (decode) or start at 0 (prefill)
+
+    def prefill(self, rows: torch.Tensor) -> SlotCache:
+        self.rows, self.columns = rows, None
+        return self
+
+    def decode(self, columns: torch.Tensor, view: int) -> SlotCache:
+        if view > self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded ({view} columns)")
+        self.rows, self.columns, self.view = None, columns, view
+        return self
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these slots (the batch shrinks once no prompt is left to fill them)."""
+        self.batch = len(rows)
+        for layer in self.layers:
+            layer.tensors = tuple(t.index_select(0, rows) for t in layer.tensors)
+
+
+class _SlotLayer:
+    def __init__(self, owner: SlotCache) -> None:
+        self.owner = owner
+        self.tensors: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return 0
+
+    def extend(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        o = self.owner
+        if not self.tensors:
+            self.tensors = tuple(n.new_zeros((o.batch, o.capacity, *n.shape[2:])) for n in new)
+        if o.rows is not None:
+            if new[0].shape[1] > o.capacity:
+                raise ValueError(f"KV cache capacity {o.capacity} exceeded ({new[0].shape[1]})")
+            for buf, n in zip(self.tensors, new, strict=True):
+                buf[o.rows, : n.shape[1]] = n
+            return new
+        slots = torch.arange(o.batch, device=new[0].device)
+        for buf, n in zip(self.tensors, new, strict=True):
+            buf.index_put_((slots, o.columns), n[:, 0])
+        return tuple(buf[:, : o.view] for buf in self.tensors)
 
 
 class MLA(nn.Module):
@@ -209,16 +273,19 @@ class MLA(nn.Module):
         c_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, R], dim=-1)
         c_BSC = self.kv_a_layernorm(c_BSC)
         k_rope_BS1R = apply_rope(k_rope_BSR[:, :, None, :], rope, interleaved=True)  # eq. 3
-        c_BTC, k_rope_BT1R = c_BSC, k_rope_BS1R
-        if cache is not None:
-            c_BTC, k_rope_BT1R = cache.extend(c_BSC, k_rope_BS1R)
         q_rope_BSHR = apply_rope(q_rope_BSHR, rope, interleaved=True)  # eq. 8
+        c_BTC, k_rope_BT1R = c_BSC, k_rope_BS1R
+        if cache is not None:  # one cached tensor per position: [c^KV | k^R]
+            (ckv_BTX,) = cache.extend(torch.cat([c_BSC, k_rope_BS1R[:, :, 0]], dim=-1))
+            T = ckv_BTX.shape[1]
+            # Decoding (one token, or a short chunk after cached ones: speculative verification):
+            # attend in the latent space. A prefill (S == T) or a long chunk expands K and V.
+            if S == 1 or S < min(T, ABSORBED_MAX_CHUNK):
+                o_BSHU = self._absorbed(q_nope_BSHP, q_rope_BSHR, ckv_BTX, mask_B1ST)
+                return self.o_proj(o_BSHU.reshape(B, S, H * U))
+            c_BTC, k_rope_BTR = ckv_BTX.split([self.kv_lora_rank, R], dim=-1)
+            k_rope_BT1R = k_rope_BTR[:, :, None, :]
         T = c_BTC.shape[1]
-        # Decoding (one token, or a short chunk after cached ones: speculative verification):
-        # attend in the latent space. A prefill (S == T) or a long chunk expands K and V.
-        if cache is not None and (S == 1 or S < min(T, ABSORBED_MAX_CHUNK)):
-            o_BSHU = self._absorbed(q_nope_BSHP, q_rope_BSHR, c_BTC, k_rope_BT1R, mask_B1ST)
-            return self.o_proj(o_BSHU.reshape(B, S, H * U))
         k_nope_BTHP, v_BTHU = self.kv_b_proj(c_BTC).view(B, T, H, P + U).split([P, U], dim=-1)
 
         q_BSHQ = torch.cat([q_nope_BSHP, q_rope_BSHR], dim=-1)  # eq. 9
@@ -236,28 +303,34 @@ class MLA(nn.Module):
         self,
         q_nope_BSHP: torch.Tensor,
         q_rope_BSHR: torch.Tensor,
-        c_BTC: torch.Tensor,
-        k_rope_BT1R: torch.Tensor,
+        ckv_BTX: torch.Tensor,
         mask_B1ST: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attention over the cached latent without expanding it (DeepSeek-V2 §2.1.2's absorbed
         form): q_nope . (W_UK c) = (W_UK^T q_nope) . c and sum_t p_t (W_UV c_t) = W_UV sum_t p_t c_t,
         so a decoding step costs O(T C) per head instead of recomputing K and V for all T
-        positions. The same function as the expanded form, up to float summation order."""
-        H, P, U = self.num_heads, self.nope_dim, self.v_dim
-        w_HXC = self.kv_b_proj.weight.view(H, P + U, self.kv_lora_rank)
+        positions. The same function as the expanded form, up to float summation order.
+
+        `ckv_BTX` is the cache as it is stored, [c^KV | k^R] (X = C + R) per position, read in
+        place: the heads of a row share it, so the scores are one batched GEMM of the row's S*H
+        queries against its T cached positions, [B, S*H, X] @ [B, X, T], with no copy of the
+        cache per head (a broadcast [B, H, T, X] operand would be copied H times every step)."""
+        B, S, H, _ = q_nope_BSHP.shape
+        P, U, C = self.nope_dim, self.v_dim, self.kv_lora_rank
+        w_HXC = self.kv_b_proj.weight.view(H, P + U, C)
         w_uk_HPC, w_uv_HUC = w_HXC.split([P, U], dim=1)
         q_lat_BSHC = torch.einsum("bshp,hpc->bshc", q_nope_BSHP, w_uk_HPC)
-        q_BHSX = torch.cat([q_lat_BSHC, q_rope_BSHR], dim=-1).transpose(1, 2)
-        k_B1TX = torch.cat([c_BTC, k_rope_BT1R[:, :, 0]], dim=-1)[:, None]
-        scores_BHST = (q_BHSX @ k_B1TX.transpose(-1, -2)) * self.scale
-        S, T = scores_BHST.shape[-2:]
+        q_BQX = torch.cat([q_lat_BSHC, q_rope_BSHR], dim=-1).view(B, S * H, -1)  # Q = S*H
+        T = ckv_BTX.shape[1]
+        scores_BSHT = (q_BQX @ ckv_BTX.transpose(1, 2)).view(B, S, H, T) * self.scale
         if mask_B1ST is None and S > 1:  # a chunk after cached keys: query i sees keys <= T-S+i
-            mask_B1ST = torch.ones(S, T, dtype=torch.bool, device=c_BTC.device).tril(T - S)
-        if mask_B1ST is not None:
-            scores_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf"))
-        o_lat_BHSC = scores_BHST.float().softmax(dim=-1).to(c_BTC.dtype) @ c_BTC[:, None]
-        return torch.einsum("bhsc,huc->bshu", o_lat_BHSC, w_uv_HUC)
+            mask_B1ST = torch.ones(S, T, dtype=torch.bool, device=ckv_BTX.device).tril(T - S)
+        if mask_B1ST is not None:  # [S, T] or [B, 1, S, T] -> broadcast over the heads
+            mask_BS1T = mask_B1ST[:, None] if mask_B1ST.dim() == 2 else mask_B1ST.transpose(1, 2)
+            scores_BSHT = scores_BSHT.masked_fill(~mask_BS1T, float("-inf"))
+        p_BQT = scores_BSHT.float().softmax(dim=-1).to(ckv_BTX.dtype).view(B, S * H, T)
+        o_lat_BSHC = (p_BQT @ ckv_BTX[..., :C]).view(B, S, H, C)
+        return torch.einsum("bshc,huc->bshu", o_lat_BSHC, w_uv_HUC)
 
 
 class GQA(nn.Module):

@@ -39,9 +39,11 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """fp32 on CPU, outside autocast (which runs bf16 GEMMs on oneDNN itself), >= 64 rows."""
+    """fp32 on CPU, outside autocast (which runs bf16 GEMMs on oneDNN itself), >= 64 rows, eager
+    (inductor lowers `F.linear` itself, not this op)."""
     return (
         _ONEDNN_LINEAR is not None
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")

@@ -172,6 +172,56 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _routed(
+    x_TD: torch.Tensor,
+    ids_TK: torch.Tensor,
+    w_TK: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    mm=grouped_mm,
+) -> torch.Tensor:
+    """`Experts.forward` on one rank: sort the T*K slots by expert, two grouped GEMMs (`mm`)."""
+    T, K = ids_TK.shape
+    E = gate_up_E2FD.shape[0]
+    ids_M = ids_TK.flatten()
+    order_M = ids_M.argsort(stable=True)  # slot t*K + k, grouped by expert
+    offsets_E = torch.bincount(ids_M, minlength=E).cumsum(0).to(torch.int32)
+    tokens_M = order_M // K
+    dtype = _compute_dtype(x_TD)
+    # Cast the T rows, then gather the M = T*K. index_select, not x[tokens]: its backward is
+    # index_add_, ~10x faster on CPU than indexing's accumulating index_put_.
+    x_MD = x_TD.to(dtype).index_select(0, tokens_M)
+    gate_up_M2F = mm(x_MD, gate_up_E2FD.to(dtype).transpose(-2, -1), offsets_E)
+    gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)
+    h_MF = F.silu(gate_MF) * up_MF * w_TK.flatten().index_select(0, order_M)[:, None].to(dtype)
+    y_MD = mm(h_MF, down_EDF.to(dtype).transpose(-2, -1), offsets_E)
+    out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    return out_TD.index_add_(0, tokens_M, y_MD.float()).to(x_TD.dtype)
+
+
+@torch.library.custom_op("tinyreason::routed_experts", mutates_args=())
+def routed_experts(
+    x_TD: torch.Tensor,
+    ids_TK: torch.Tensor,
+    w_TK: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """`_routed` as one op that `torch.compile` does not trace into: the group sizes are data
+    (a traced loop over them would break the graph every MoE layer), and fp32 `grouped_mm` has
+    no meta kernel in torch 2.13. Inference only (no autograd formula): compiled decoding."""
+    return _routed(x_TD, ids_TK, w_TK, gate_up_E2FD, down_EDF)
+
+
+@routed_experts.register_fake
+def _(x_TD, ids_TK, w_TK, gate_up_E2FD, down_EDF):
+    return torch.empty_like(x_TD)
+
+
+# Inference with fewer than this many token-expert rows per expert runs `Experts.dense`.
+DENSE_MAX_ROWS = 32
+
+
 class Experts(nn.Module):
     """The E routed SwiGLU experts as fused 3-D weights, HF `DeepseekV3Experts` names and shapes:
     `gate_up_proj` [E, 2F, D] (rows [0, F) gate, [F, 2F) up) and `down_proj` [E, D, F].
@@ -211,23 +261,31 @@ class Experts(nn.Module):
         """
         if self.ep_group is not None:
             return self._forward_expert_parallel(x_TD, ids_TK, w_TK)
-        T, K = ids_TK.shape
-        ids_M = ids_TK.flatten()
-        order_M = ids_M.argsort(stable=True)  # slot t*K + k, grouped by expert
-        offsets_E = torch.bincount(ids_M, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        tokens_M = order_M // K
+        if not torch.is_grad_enabled() and self.grouped_mm is grouped_mm:  # inference
+            T, K = ids_TK.shape
+            if T * K < DENSE_MAX_ROWS * self.num_experts:  # a few rows per expert: decoding
+                return self.dense(x_TD, ids_TK, w_TK)
+            if torch.compiler.is_compiling():  # compiled: one opaque op (see `routed_experts`)
+                return routed_experts(x_TD, ids_TK, w_TK, self.gate_up_proj, self.down_proj)
+        return _routed(x_TD, ids_TK, w_TK, self.gate_up_proj, self.down_proj, self.grouped_mm)
+
+    def dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """`forward` for a handful of tokens (decoding): every expert on every token, weighted by
+        a gate that is 0 outside the token's top-k, so the same sum as `forward` up to rounding.
+        E/K times the routed FLOPs, in two large GEMMs (one [T, D] @ [D, E*2F] and a batched
+        [E, T, F] @ [E, F, D]) instead of 2E tiny ones plus the sort and scatter around them:
+        at 64 tokens over 8 experts (16 rows each) that is the cheaper side, and every shape is
+        static (what a compiled decode step and CUDA graphs need)."""
+        T, (E, F2, D) = x_TD.shape[0], self.gate_up_proj.shape
         dtype = _compute_dtype(x_TD)
-        # Cast the T rows, then gather the M = T*K. index_select, not x[tokens]: its backward is
-        # index_add_, ~10x faster on CPU than indexing's accumulating index_put_.
-        x_MD = x_TD.to(dtype).index_select(0, tokens_M)
-        gate_up_M2F = self.grouped_mm(
-            x_MD, self.gate_up_proj.to(dtype).transpose(-2, -1), offsets_E
+        gate_TE = torch.zeros(T, E, dtype=dtype, device=x_TD.device)
+        gate_TE = gate_TE.scatter(1, ids_TK, w_TK.to(dtype))
+        h_TE2F = (x_TD.to(dtype) @ self.gate_up_proj.to(dtype).view(E * F2, D).t()).view(
+            T, E, 2, F2 // 2
         )
-        gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)
-        h_MF = F.silu(gate_MF) * up_MF * w_TK.flatten().index_select(0, order_M)[:, None].to(dtype)
-        y_MD = self.grouped_mm(h_MF, self.down_proj.to(dtype).transpose(-2, -1), offsets_E)
-        out_TD = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
-        return out_TD.index_add_(0, tokens_M, y_MD.float()).to(x_TD.dtype)
+        a_TEF = F.silu(h_TE2F[:, :, 0]) * h_TE2F[:, :, 1] * gate_TE[:, :, None]
+        y_ETD = a_TEF.transpose(0, 1) @ self.down_proj.to(dtype).transpose(1, 2)
+        return y_ETD.float().sum(0).to(x_TD.dtype)
 
     def _forward_expert_parallel(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor

@@ -111,6 +111,7 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, S] -> logits; with targets [B, S] (targets[t] = token after input_ids[t],
         IGNORE_INDEX to skip) also the losses and the MTP logits (in training with
@@ -118,7 +119,9 @@ class CausalLM(nn.Module):
         (decoding), the inputs continue the cached positions and are appended to the cache.
 
         Batched decoding of left-padded prompts passes `position_ids` [B, S] (each row's own
-        positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding)."""
+        positions) and `attn_mask` [B, 1, S, T] (bool, True = attend: causal and not padding).
+        `logits_at` [B] (no targets): the logits [B, 1, V] of one position per row only (the last
+        real token of a right-padded prefill), not the [B, S, V] of every position."""
         start = 0 if cache is None else cache.length
         decoding_positions = position_ids if cache is not None else None
         _check_inputs(input_ids, targets, self.config.max_seq_len, start, decoding_positions)
@@ -133,6 +136,9 @@ class CausalLM(nn.Module):
             if balance is not None:
                 balances.append(balance)
         h_BSD = self.norm(x_BSD)  # also h^0 of MTP
+        if logits_at is not None and targets is None:
+            rows = torch.arange(len(h_BSD), device=h_BSD.device)
+            return ModelOutput(logits=self.lm_head(h_BSD[rows, logits_at][:, None]), hidden=h_BSD)
         chunked = targets is not None and bool(self.loss_chunk_size) and torch.is_grad_enabled()
         out = ModelOutput(logits=None if chunked else self.lm_head(h_BSD), hidden=h_BSD)
         zero = torch.zeros((), device=input_ids.device)
@@ -264,7 +270,7 @@ def _check_inputs(
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     position_ids = decoding_positions
-    if position_ids is not None:
+    if position_ids is not None and not torch.compiler.is_compiling():  # (a host sync)
         if position_ids.numel() and int(position_ids.max()) >= max_seq_len:
             raise ValueError(
                 f"position_ids reach {int(position_ids.max())} >= max_seq_len {max_seq_len}"

@@ -33,6 +33,7 @@ import torch
 from tinyreason.checkpoints import load_init_weights
 from tinyreason.evaluation import Item
 from tinyreason.sampling import SamplingConfig, sample
+from tinyreason.speculative import SpeculativeStats, speculative_sample
 from tinyreason.training.grpo_data import GRPOConfig
 from tinyreason.training.rewards import (
     RewardError,
@@ -280,15 +281,13 @@ class GRPOModule(SFTModule):
         seeds = [self.seed * 1_000_003 + first + j for j in range(R)]
         config = SamplingConfig(o.max_new_tokens, o.temperature, o.top_p, o.top_k)
         start = time.perf_counter()
+        drafts = SpeculativeStats() if o.speculative and model.config.mtp.depth else None
+        special = dict(eos_token_id=self.eos_id, pad_token_id=self.pad_id, seeds=seeds)
         with torch.autocast(device.type, enabled=False):
-            completions = sample(
-                model,
-                prompts,
-                config,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-                seeds=seeds,
-            )
+            if drafts is not None:  # speculative sampling: the same distribution
+                completions = speculative_sample(model, prompts, config, **special, stats=drafts)
+            else:
+                completions = sample(model, prompts, config, **special, compile=o.compile)
         sampling_s = time.perf_counter() - start
         model.train()
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
@@ -321,6 +320,7 @@ class GRPOModule(SFTModule):
             "failed_groups": float(self.failed_groups),
             "trained_rows": float(len(rows)),
             "sampling_tokens_per_s": float(lengths.sum()) / max(sampling_s, 1e-9),
+            **({"draft_acceptance": drafts.acceptance_rate} if drafts is not None else {}),
         }
         return Rollout(
             step=step,

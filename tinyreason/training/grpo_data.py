@@ -51,6 +51,8 @@ class GRPOConfig:
     epsilon_high: float | None = None
     num_iterations: int = 1
     mask_truncated: bool = False
+    speculative: bool = True  # with model.mtp.depth >= 1: rollouts by speculative sampling
+    compile: bool = False  # plain rollouts: decode steps through torch.compile
     format_reward: float = 0.0
     step_reward: float = 0.0
     overlong_penalty: float = 0.0
@@ -93,6 +95,9 @@ class GRPOConfig:
                 f"grpo.overlong_buffer={self.overlong_buffer} must be in [1, grpo.max_new_tokens="
                 f"{self.max_new_tokens}] when grpo.overlong_penalty is set"
             )
+        for key in ("speculative", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"grpo.{key} must be true or false, got {getattr(self, key)!r}")
         if self.max_failed_groups < 0:
             raise ValueError(f"grpo.max_failed_groups={self.max_failed_groups} must be >= 0")
         if self.beta == 0 and self.reference_from is not None:
