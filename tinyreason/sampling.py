@@ -212,7 +212,7 @@ def _sample_cached(
     pos_B = torch.zeros(B, dtype=torch.long, device=device)  # its position (= its cache column)
     out: list[list[int]] = [[] for _ in prompts]
     columns = torch.arange(capacity, device=device)
-    step = compiled_step() if compile else decode_step
+    step = compiled_step(device.type) if compile else decode_step
 
     def emit(slot: int, token: int) -> None:
         i = held[slot]
@@ -274,17 +274,24 @@ def decode_step(
     ).logits[:, -1]
 
 
-_COMPILED: list = []  # [the compiled decode_step] once built; [None] where compile failed
+_COMPILED: dict[str, Callable | None] = {}  # device type -> the compiled step; None: it failed
 
 
-def compiled_step() -> Callable[..., torch.Tensor]:
-    """`decode_step` through `torch.compile` (inductor: C++/OpenMP kernels on CPU, Triton on
-    CUDA), or `decode_step` itself, with one warning, where compile is not available. Shapes:
-    the first call compiles for its batch and view; a second view marks that dimension
-    dynamic (torch's automatic dynamic shapes), so a run compiles about twice in all."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(decode_step, dynamic=None))
-    compiled = _COMPILED[0]
+def compiled_step(device_type: str = "cpu") -> Callable[..., torch.Tensor]:
+    """`decode_step` through `torch.compile`, or `decode_step` itself, with one warning, where
+    compile is not available (no C++ compiler, an unsupported platform). On CPU inductor writes
+    C++/OpenMP kernels and a C++ wrapper that calls them (`cpp_wrapper`: no Python between the
+    ~100 kernels of a step); on CUDA, Triton kernels replayed as CUDA graphs
+    (`mode="reduce-overhead"`; the slot cache's buffers are static addresses). Shapes: the first
+    call compiles for its batch and view; a second view marks that dimension dynamic (torch's
+    automatic dynamic shapes), so a run compiles about twice in all."""
+    if device_type not in _COMPILED:
+        if device_type == "cuda":
+            _COMPILED[device_type] = torch.compile(decode_step, mode="reduce-overhead")
+        else:
+            options = {"cpp_wrapper": True}
+            _COMPILED[device_type] = torch.compile(decode_step, dynamic=None, options=options)
+    compiled = _COMPILED[device_type]
     if compiled is None:
         return decode_step
 
@@ -292,9 +299,9 @@ def compiled_step() -> Callable[..., torch.Tensor]:
         try:
             return compiled(*args)
         except Exception as e:  # no C++ compiler, an unsupported op: decode eagerly
-            if _COMPILED[0] is not None:
+            if _COMPILED[device_type] is not None:
                 log.warning("decoding without torch.compile (it failed: %s)", str(e)[:300])
-            _COMPILED[0] = None
+            _COMPILED[device_type] = None
             return decode_step(*args)
 
     return step

@@ -1,6 +1,7 @@
 """Hopper GPU checks: FP8 with real kernels for every recipe on a ~1B-parameter DeepSeek-V3-style
-model (here), and scaling out and memory on one GPU (scaling.py: FSDP2 vs DDP, compile,
-activation checkpointing, chunked cross-entropy, DeepSpeed ZeRO-2).
+model (here), scaling out and memory on one GPU (scaling.py: FSDP2 vs DDP, compile,
+activation checkpointing, chunked cross-entropy, DeepSpeed ZeRO-2), and decoding with the step
+compiled into CUDA graphs vs eager (decode.py).
 
     PYTHONPATH=. python experiments/gpu_check/gpu_check.py                   # H100 / H200 (README.md)
     PYTHONPATH=. python experiments/gpu_check/gpu_check.py --checks scaling  # only scaling.py's
@@ -33,7 +34,8 @@ import time
 import traceback
 from pathlib import Path
 
-import scaling  # beside this file (sys.path[0] when run as a script)
+import decode  # beside this file (sys.path[0] when run as a script)
+import scaling
 import torch
 
 from tinyreason.data.synthetic import CorpusConfig, format_text, generate
@@ -46,7 +48,7 @@ from tinyreason.training.precision import PrecisionConfig, apply_precision
 # |mean loss of the last 20 steps, FP8 - bf16| / bf16. DeepSeek-V3 reports < 0.25% after long
 # training; 200 steps from scratch are noisier (the CPU experiment fp8_vs_bf16 measured < 0.5%).
 LOSS_BOUND = 0.01
-CHECKS = ("fp8", "scaling")  # --checks: this file's FP8 recipes, scaling.py's checks
+CHECKS = ("fp8", "scaling", "decode")  # --checks: FP8 recipes here, scaling.py's, decode.py's
 RUNS = [
     ("bf16", None),
     ("fp8", "tensorwise"),
@@ -247,7 +249,7 @@ def fp8_check(args, device: torch.device, corpus: torch.Tensor, peak: float) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--checks", default="fp8,scaling", help="comma list of: " + ", ".join(CHECKS)
+        "--checks", default="fp8,scaling,decode", help="comma list of: " + ", ".join(CHECKS)
     )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
@@ -275,6 +277,7 @@ def main() -> int:
 
     def failed() -> list[str]:
         parts = summary.get("errors", []) + summary.get("fp8_failures", [])
+        parts += summary.get("decode", {}).get("failures", [])
         return parts + summary.get("scaling", {}).get("failures", [])
 
     def save(scaling_so_far: dict | None = None) -> None:
@@ -291,7 +294,11 @@ def main() -> int:
         windows = lambda steps, batch, seq: batches(corpus, steps, batch, seq)
         print("\n" + scaling.table(scaling.run(device, args.smoke, windows, save)["rows"]))
 
-    for check, part in (("fp8", fp8_part), ("scaling", scaling_part)):
+    def decode_part() -> None:
+        summary["decode"] = decode.run(device, args.smoke)
+        print("\n" + decode.table(summary["decode"]["rows"]))
+
+    for check, part in (("fp8", fp8_part), ("scaling", scaling_part), ("decode", decode_part)):
         if check in checks:
             try:
                 part()

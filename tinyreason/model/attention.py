@@ -209,6 +209,9 @@ class _SlotLayer:
         o = self.owner
         if not self.tensors:
             self.tensors = tuple(n.new_zeros((o.batch, o.capacity, *n.shape[2:])) for n in new)
+            if new[0].is_cuda:  # written in place by a CUDA-graphed step: a fixed address
+                for t in self.tensors:
+                    torch._dynamo.mark_static_address(t)
         if o.rows is not None:
             if new[0].shape[1] > o.capacity:
                 raise ValueError(f"KV cache capacity {o.capacity} exceeded ({new[0].shape[1]})")

@@ -113,8 +113,12 @@ class RMSNorm(nn.Module):
         self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # autocast off: the normalisation must stay fp32 whatever autocast's op lists say
-        with torch.autocast(x.device.type, enabled=False):
+        # autocast off: the normalisation must stay fp32 whatever autocast's op lists say (the
+        # context is entered only when autocast is on: it costs more than the norm when decoding)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        else:
             normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 

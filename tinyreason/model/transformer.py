@@ -88,6 +88,7 @@ class CausalLM(nn.Module):
         if config.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size is None: set it with config.with_vocab(n)")
         self.config = config
+        self._rope_tables: dict[torch.device, Rope] = {}
         d, eps, has_moe = config.hidden_size, config.rms_norm_eps, config.moe is not None
         self.embed_tokens = Embedding(config.vocab_size, d)
         self.layers = nn.ModuleList(
@@ -170,7 +171,14 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        cos, sin = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, input_ids.device)
+        # The whole window's table, kept per device (plain fp32 tensors, not buffers: a cast of
+        # the model cannot round them): decoding asks for it at every step.
+        table = self._rope_tables.get(input_ids.device)
+        if table is None:
+            table = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, input_ids.device)
+            if not torch.compiler.is_compiling():
+                self._rope_tables[input_ids.device] = table
+        cos, sin = table
         return cos[position_ids], sin[position_ids]
 
     def _ce(
