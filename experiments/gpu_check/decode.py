@@ -11,6 +11,7 @@ identical, the compile time (untimed in the rounds), median of 3 rounds each, al
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -76,15 +77,7 @@ def run(device: torch.device, smoke: bool) -> dict:
         prompts = [p[: prompt_len - i % 32] for i, p in enumerate(prompts)]  # lengths vary
         config = SamplingConfig(new)
 
-        def decode(batch: int, compile: bool) -> tuple[float, list[list[int]]]:
-            use = prompts[:8] if batch == 1 else prompts
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = sample(model, use, config, eos_token_id=None, batch_size=batch, compile=compile)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return sum(map(len, out)) / (time.perf_counter() - start), out
+        decode = functools.partial(_decode, model, prompts, config, device)
 
         start = time.perf_counter()
         for b in BATCHES:  # compile (and capture) every shape before the timed rounds
@@ -106,6 +99,20 @@ def run(device: torch.device, smoke: bool) -> dict:
             if same < len(outs[False]):
                 failures.append(f"decode {name} batch {b}: {len(outs[False]) - same} rows differ")
     return {"rows": rows, "failures": failures}
+
+
+def _decode(
+    model, prompts, config, device, batch: int, compile: bool
+) -> tuple[float, list[list[int]]]:
+    """(new tokens/s, the tokens) of the prompts (8 of them at batch 1) with `batch` slots."""
+    use = prompts[:8] if batch == 1 else prompts
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = sample(model, use, config, eos_token_id=None, batch_size=batch, compile=compile)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return sum(map(len, out)) / (time.perf_counter() - start), out
 
 
 def table(rows: list[dict]) -> str:
