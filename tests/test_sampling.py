@@ -267,9 +267,14 @@ def test_compiled_decode_step_gives_the_eager_tokens(prompts, fresh_compile, cap
     model = CausalLM(debug_config(V, "moe")).float().eval()
     config = SamplingConfig(NEW)
     eager = sample(model, prompts, config, eos_token_id=None)
+    graphs = torch._dynamo.utils.counters["stats"]
     with caplog.at_level("WARNING", logger="tinyreason.sampling"):
-        for _ in range(2):
-            assert sample(model, prompts, config, eos_token_id=None, compile=True) == eager
+        assert sample(model, prompts, config, eos_token_id=None, compile=True) == eager
+        compiled = graphs["unique_graphs"]
+        assert compiled >= 1
+        sample(model, prompts[:3], config, eos_token_id=None)  # eager calls in between
+        assert sample(model, prompts, config, eos_token_id=None, compile=True) == eager
+        assert graphs["unique_graphs"] == compiled  # the compiled step was reused as it was
     assert sampling._COMPILED["cpu"] is not None
     assert not [r for r in caplog.records if "without torch.compile" in r.message]
 

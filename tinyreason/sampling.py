@@ -213,6 +213,7 @@ def _sample_cached(
     out: list[list[int]] = [[] for _ in prompts]
     columns = torch.arange(capacity, device=device)
     step = compiled_step(device.type) if compile else decode_step
+    model.rope_table(device)  # filled once, outside the (compiled) step
 
     def emit(slot: int, token: int) -> None:
         i = held[slot]
@@ -246,7 +247,8 @@ def _sample_cached(
             token_B, pos_B, held = token_B[keep], pos_B[keep], [held[s] for s in busy]
             busy = list(range(len(held)))
         view = min(capacity, -(-(int(pos_B.max()) + 1) // VIEW_BUCKET) * VIEW_BUCKET)
-        logits_BV = step(model, cache.decode(pos_B, view), token_B, pos_B, columns[:view])
+        view_T = columns[:view]
+        logits_BV = step(model, cache.decode(pos_B, view_T), token_B, pos_B, view_T)
         if len(busy) < len(held):  # free slots ran too (a fixed shape); their logits go
             busy_t = torch.tensor(busy, device=device)
             token_B[busy_t] = _pick(logits_BV[busy_t], config, [generators[held[s]] for s in busy])

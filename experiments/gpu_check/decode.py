@@ -74,7 +74,7 @@ def run(device: torch.device, smoke: bool) -> dict:
         model = CausalLM(cfg).to(device).float().eval()
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=g).tolist()] * 64
-        prompts = [p[: prompt_len - i % 32] for i, p in enumerate(prompts)]  # lengths vary
+        prompts = [p[: prompt_len - i % (prompt_len // 2)] for i, p in enumerate(prompts)]
         config = SamplingConfig(new)
 
         decode = functools.partial(_decode, model, prompts, config, device)

@@ -150,6 +150,7 @@ def bench_generate(
     hf_experts: str | None = None,
     clock: str = "wall",
     steps: bool = True,
+    compiled: bool = True,
 ) -> dict:
     """Rows per batch size (tokens/s of both, identical share, mismatches) and the ceiling."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,10 +175,11 @@ def bench_generate(
     run_ours(ours, runs[batch_sizes[0]][:1], 2, eos, pad)
     run_theirs(hf, hf_tok, runs[batch_sizes[0]][:1], 2, eos, pad)
     start = time_of()
-    for b in batch_sizes:
+    for b in batch_sizes if compiled else ():
         run_ours(ours, runs[b], max_new_tokens, eos, pad, compile=True)
     compile_seconds = time_of() - start
-    who = WHO if drafter is None else (*WHO, "speculative")
+    who = WHO if compiled else tuple(w for w in WHO if w != "compiled")
+    who = who if drafter is None else (*who, "speculative")
     if drafter is not None:
         run_speculative(drafter, runs[batch_sizes[0]][:1], 3, eos, pad, SpeculativeStats())
     times = {(b, w): [] for b in batch_sizes for w in who}
@@ -203,11 +205,15 @@ def bench_generate(
     for b in runs:
         mine, theirs = outputs[b, "ours"], outputs[b, "theirs"]
         bad = [(i, a, t) for i, (a, t) in enumerate(zip(mine, theirs, strict=True)) if a != t]
-        tps = {w: [sum(map(len, outputs[b, w])) / t for t in times[b, w]] for w in WHO}
+        tps = {
+            w: [sum(map(len, outputs[b, w])) / t for t in times[b, w]]
+            for w in WHO
+            if (b, w) in times
+        }
         med = {w: statistics.median(v) for w, v in tps.items()}
         identical = 1 - len(bad) / len(mine)
         new_tokens = sum(map(len, mine))
-        same = [a == c for a, c in zip(mine, outputs[b, "compiled"], strict=True)]
+        same = [a == c for a, c in zip(mine, outputs.get((b, "compiled"), mine), strict=True)]
         rows.append(
             dict(batch=b, prompts=len(mine), new_tokens=new_tokens, identical=identical, **med)
             | dict(mismatches=bad, rounds=tps, compiled_identical=sum(same) / len(same))
@@ -281,11 +287,12 @@ def report(result: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        share = [f"{100 * r[w] / result['ceiling']:.1f}%" for w in WHO]
+        share = [f"{100 * r[w] / result['ceiling']:.1f}%" if w in r else "-" for w in WHO]
+        compiled = r.get("compiled", float("nan"))
         lines.append(
             f"| {r['batch']} | {r['prompts']} | {r['new_tokens']:,} | {r['ours']:,.0f} | "
-            f"{r['compiled']:,.0f} | {r['theirs']:,.0f} | {r['ours'] / r['theirs']:.2f}x | "
-            f"{r['compiled'] / r['theirs']:.2f}x | {100 * r['identical']:.1f}%, "
+            f"{compiled:,.0f} | {r['theirs']:,.0f} | {r['ours'] / r['theirs']:.2f}x | "
+            f"{compiled / r['theirs']:.2f}x | {100 * r['identical']:.1f}%, "
             f"{100 * r['compiled_identical']:.1f}% | {', '.join(share)} |"
         )
     lines.append(
@@ -339,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     arg("--threads", type=int, default=None, metavar="N", help="torch threads (default: all)")
     arg("--clock", choices=list(CLOCKS), default="wall", help="what a second is")
     arg("--hf-experts", metavar="IMPL", help="transformers' experts kernels (its default)")
+    arg("--no-compile", dest="compiled", action="store_false", help="skip the compiled step")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -359,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     print(report(result))
     for r in result["rows"]:
         for who, name in zip(WHO, ("ours", "ours compiled", "transformers"), strict=True):
+            if who not in r["rounds"]:
+                continue
             rounds = ", ".join(f"{v:,.0f}" for v in r["rounds"][who])
             print(f"batch {r['batch']} {name}: rounds (tokens/s) {rounds}")
         if "speculative" in r:

@@ -164,7 +164,7 @@ class SlotCache:
 
     Before each forward the sampler says what it writes: `prefill(rows)` (the new prompts of
     slots `rows`, right-padded, take columns 0..S-1 and attend only to themselves: their pad
-    tokens come after every real one, so causality hides them) or `decode(columns, view)` (one
+    tokens come after every real one, so causality hides them) or `decode(columns, view_T)` (one
     token per slot written at its own column, then every slot attends to its first `view`
     columns, the attention mask hiding what lies beyond its sequence). Slots are refilled in
     place; nothing is copied when a sequence ends, only `select` when the batch shrinks.
@@ -175,7 +175,7 @@ class SlotCache:
         self.layers = [_SlotLayer(self) for _ in range(num_layers)]
         self.rows: torch.Tensor | None = None
         self.columns: torch.Tensor | None = None
-        self.view = 0
+        self.view_T: torch.Tensor | None = None
 
     length = 0  # the positions come from `position_ids` (decode) or start at 0 (prefill)
 
@@ -183,10 +183,12 @@ class SlotCache:
         self.rows, self.columns = rows, None
         return self
 
-    def decode(self, columns: torch.Tensor, view: int) -> SlotCache:
-        if view > self.capacity:
-            raise ValueError(f"KV cache capacity {self.capacity} exceeded ({view} columns)")
-        self.rows, self.columns, self.view = None, columns, view
+    def decode(self, columns: torch.Tensor, view_T: torch.Tensor) -> SlotCache:
+        """Write at `columns` [B]; attend to the first len(view_T) columns (a tensor, not an
+        int: a compiled step reads its length as a shape, which may vary, not as a constant)."""
+        if len(view_T) > self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded ({len(view_T)} columns)")
+        self.rows, self.columns, self.view_T = None, columns, view_T
         return self
 
     def select(self, rows: torch.Tensor) -> None:
@@ -218,10 +220,10 @@ class _SlotLayer:
             for buf, n in zip(self.tensors, new, strict=True):
                 buf[o.rows, : n.shape[1]] = n
             return new
-        slots = torch.arange(o.batch, device=new[0].device)
+        slots = torch.arange(new[0].shape[0], device=new[0].device)
         for buf, n in zip(self.tensors, new, strict=True):
             buf.index_put_((slots, o.columns), n[:, 0])
-        return tuple(buf[:, : o.view] for buf in self.tensors)
+        return tuple(buf[:, : o.view_T.shape[0]] for buf in self.tensors)
 
 
 class MLA(nn.Module):

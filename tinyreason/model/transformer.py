@@ -171,15 +171,20 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        # The whole window's table, kept per device (plain fp32 tensors, not buffers: a cast of
-        # the model cannot round them): decoding asks for it at every step.
-        table = self._rope_tables.get(input_ids.device)
-        if table is None:
-            table = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, input_ids.device)
-            if not torch.compiler.is_compiling():
-                self._rope_tables[input_ids.device] = table
-        cos, sin = table
+        cos, sin = self.rope_table(input_ids.device)
         return cos[position_ids], sin[position_ids]
+
+    def rope_table(self, device: torch.device) -> Rope:
+        """cos/sin [max_seq_len, R] of the whole window, kept per device (plain fp32 tensors, not
+        buffers: a cast of the model cannot round them): decoding gathers from it every step.
+        A sampler fills it before compiling its step, so the compiled step finds it there."""
+        table = self._rope_tables.get(device)
+        if table is None:
+            c = self.config
+            table = rope_cos_sin(c.max_seq_len, c.rope_dim, c.rope_theta, device)
+            if not torch.compiler.is_compiling():
+                self._rope_tables[device] = table
+        return table
 
     def _ce(
         self, h_BSD: torch.Tensor, targets_BS: torch.Tensor, logits_BSV: torch.Tensor | None
