@@ -295,3 +295,16 @@ def test_compile_unavailable_falls_back_to_eager_and_says_so_once(prompts, fresh
     assert first == second == eager
     warnings = [r for r in caplog.records if "without torch.compile" in r.message]
     assert len(warnings) == 1
+
+
+def test_progress_bar_logs_each_tenth_when_not_a_terminal(caplog):
+    """Without a terminal (a log file, CI) progress is a log line per tenth of the rows, the
+    last at the total; without a label, no callback at all."""
+    with caplog.at_level("INFO", logger="tinyreason.sampling"):
+        with sampling.progress_bar(20, "test") as done:
+            for _ in range(20):
+                done(1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and lines[-1].startswith("test: 20 / 20 done")
+    with sampling.progress_bar(20, None) as done:
+        assert done is None

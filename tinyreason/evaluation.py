@@ -22,21 +22,18 @@ import json
 import logging
 import math
 import re
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason.data import synthetic
 from tinyreason.data.sources import dataclass_from_dict, language_of
 from tinyreason.model import CausalLM, ModelConfig
-from tinyreason.sampling import SamplingConfig, prompt_ids, sample
+from tinyreason.sampling import SamplingConfig, progress_bar, prompt_ids, sample
 from tinyreason.speculative import SpeculativeStats, check_speculative, speculative_sample
 
 log = logging.getLogger(__name__)
@@ -202,7 +199,7 @@ def complete(
     prompts = [_prompt(tokenizer, q) for q in questions]
     special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
     seeds = [config.seed + seed_offset + i for i in range(len(prompts))]
-    with _progress(len(prompts), progress) as bar:
+    with progress_bar(len(prompts), progress) as bar:
         if speculative is not None:
             new = _speculative_batches(
                 model, prompts, config, batch_size, speculative, seeds, special, bar
@@ -221,31 +218,6 @@ def complete(
             )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     return texts, [len(ids) for ids in new]
-
-
-@contextmanager
-def _progress(total: int, label: str | None):
-    """A callback `done(k)` for k more finished rows: a tqdm bar on a terminal, a log line per
-    tenth of the rows otherwise (a log file), nothing without a label."""
-    if label is None:
-        yield None
-        return
-    if sys.stderr.isatty():
-        with tqdm(total=total, desc=label, unit="problem", leave=False, mininterval=0.5) as bar:
-            yield bar.update
-        return
-    start, done, shown = time.perf_counter(), 0, 0
-
-    def update(k: int) -> None:
-        nonlocal done, shown
-        done += k
-        if done * 10 // total > shown or done == total:
-            shown = done * 10 // total
-            log.info(
-                "%s: %d / %d answered (%.0f s)", label, done, total, time.perf_counter() - start
-            )
-
-    yield update
 
 
 def _speculative_batches(

@@ -16,11 +16,15 @@ Shape legend: B batch (rows still running), P longest prompt, T positions so far
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from tinyreason.model import CausalLM
@@ -351,6 +355,29 @@ def _sample_uncached(
             seq = torch.cat([seq, torch.tensor([[token]], device=device)], dim=1)
         out.append(new)
     return out
+
+
+@contextmanager
+def progress_bar(total: int, label: str | None):
+    """A callback `done(k)` for k more finished rows: a tqdm bar on a terminal, a log line per
+    tenth of the rows otherwise (a log file), nothing without a label."""
+    if label is None:
+        yield None
+        return
+    if sys.stderr.isatty():
+        with tqdm(total=total, desc=label, unit="problem", leave=False, mininterval=0.5) as bar:
+            yield bar.update
+        return
+    start, done, shown = time.perf_counter(), 0, 0
+
+    def update(k: int) -> None:
+        nonlocal done, shown
+        done += k
+        if done * 10 // total > shown or done == total:
+            shown = done * 10 // total
+            log.info("%s: %d / %d done (%.0f s)", label, done, total, time.perf_counter() - start)
+
+    yield update
 
 
 def prompt_ids(

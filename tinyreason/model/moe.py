@@ -261,7 +261,10 @@ class Experts(nn.Module):
         """
         if self.ep_group is not None:
             return self._forward_expert_parallel(x_TD, ids_TK, w_TK)
-        if not torch.is_grad_enabled() and self.grouped_mm is grouped_mm:  # inference
+        # inference with the plain GEMMs (a wrapper of them, e.g. training.memory's, keeps them
+        # in `.hook`; a low-precision hook such as FP8's keeps its own path)
+        plain = getattr(self.grouped_mm, "hook", self.grouped_mm) is grouped_mm
+        if not torch.is_grad_enabled() and plain:
             T, K = ids_TK.shape
             if T * K < DENSE_MAX_ROWS * self.num_experts:  # a few rows per expert: decoding
                 return self.dense(x_TD, ids_TK, w_TK)
