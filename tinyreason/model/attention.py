@@ -203,10 +203,6 @@ class _SlotLayer:
         self.owner = owner
         self.tensors: tuple[torch.Tensor, ...] = ()
 
-    @property
-    def length(self) -> int:
-        return 0
-
     def extend(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         o = self.owner
         if not self.tensors:
